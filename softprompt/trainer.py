@@ -1,0 +1,152 @@
+"""The training loop and evaluation: read it top to bottom.
+
+Data order is a function of (seed, epoch) and the *global* batch, never of the world size: each
+step takes the next `global_batch` indices of the epoch's permutation, and rank r's k-th
+micro-batch is slice (k * world + r) of it. So a 2-rank run and a 1-rank run with the same global
+batch see the same examples per optimizer step, and their losses agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import metrics, verbalizer
+from .collate import collate
+from .engine import BatchSizes
+from .prompt import read_prompt, write_prompt
+from .tracking import Tracker
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    eval_steps: frozenset[int]
+
+    @staticmethod
+    def build(n_train: int, global_batch: int, max_steps: int, epochs: float, eval_every: int) -> "Schedule":
+        steps_per_epoch = n_train // global_batch  # drop the last partial global batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"the training split ({n_train} examples) is smaller than one global batch ({global_batch})")
+        total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+        every = eval_every or steps_per_epoch
+        return Schedule(steps_per_epoch, total, frozenset(range(every, total + 1, every)) | {total})
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def micro_batches(order: list[int], step_in_epoch: int, sizes: BatchSizes, rank: int) -> list[list[int]]:
+    """This rank's micro-batches (grad_accum of them) for one optimizer step."""
+    start = step_in_epoch * sizes.global_batch
+    step_idx = order[start:start + sizes.global_batch]
+    m = sizes.micro_batch
+    return [step_idx[(k * sizes.world_size + rank) * m:][:m] for k in range(sizes.grad_accum)]
+
+
+def rows(split, idx: list[int]) -> list[dict]:
+    part = split[idx]  # a dict of columns
+    return [{"input_ids": ids, "label": lab} for ids, lab in zip(part["input_ids"], part["label"])]
+
+
+@torch.no_grad()
+def evaluate(engine, split, label_names: list[str], batch_size: int, pad_id: int, rank: int, world: int,
+             device) -> dict:
+    """Metrics over `split`, every example counted exactly once across ranks.
+
+    Each rank scores a contiguous shard. Under ZeRO-3 every forward is a collective (parameters are
+    all-gathered), so all ranks run the same number of batches; a rank whose shard ran out scores a
+    filler row and discards it, instead of DistributedSampler's duplicated examples.
+    """
+    engine.eval()
+    n = len(split)
+    per_rank = math.ceil(n / world)
+    lo, hi = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+    cm = torch.zeros(len(label_names), len(label_names), dtype=torch.long)
+    for b in range(math.ceil(per_rank / batch_size)):
+        idx = list(range(lo + b * batch_size, min(hi, lo + (b + 1) * batch_size)))
+        batch = collate(rows(split, idx or [0]), pad_id).to(device)
+        scores = engine(batch.input_ids, batch.attention_mask)
+        if idx:
+            cm += metrics.confusion(batch.labels.cpu(), verbalizer.predict(scores).cpu(), len(label_names))
+    engine.train()
+    return metrics.from_confusion(metrics.all_reduce_sum(cm), label_names)
+
+
+def flat(prefix: str, m: dict) -> dict:
+    """Eval metrics as metrics.jsonl / W&B keys: eval/accuracy, eval/f1/<label>, ..."""
+    out = {f"{prefix}/accuracy": m["accuracy"], f"{prefix}/macro_f1": m["macro_f1"]}
+    out.update({f"{prefix}/f1/{k}": v for k, v in m["f1"].items()})
+    out.update({f"{prefix}/pred_count/{k}": v for k, v in m["pred_counts"].items()})
+    out[f"{prefix}/confusion"] = m["confusion"]
+    return out
+
+
+def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: Tracker, pad_id: int,
+          rank: int, device) -> dict:
+    """Train, evaluate on dev per `schedule`, then score the best-dev prompt on test."""
+    prompt = engine.module.prompt.weight
+    n_prompt = engine.module.prompt.n_tokens
+    labels = splits.label_names
+    best = {"step": 0, "metrics": None, "prompt": None}
+    window = torch.zeros(3, dtype=torch.float64)  # loss x examples, examples, tokens since last log
+    t_log = time.perf_counter()
+    engine.train()
+
+    for step in range(1, schedule.total_steps + 1):
+        epoch, step_in_epoch = divmod(step - 1, schedule.steps_per_epoch)
+        if step_in_epoch == 0:
+            order = epoch_order(len(splits.train), cfg.train.seed, epoch)
+        for idx in micro_batches(order, step_in_epoch, sizes, rank):
+            batch = collate(rows(splits.train, idx), pad_id).to(device)
+            scores = engine(batch.input_ids, batch.attention_mask)  # (B, C)
+            loss = verbalizer.loss(scores, batch.labels)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            B = len(batch)
+            window += torch.tensor([loss.item() * B, B, batch.attention_mask.sum().item() + n_prompt * B])
+
+        if step % cfg.train.log_every == 0 or step == schedule.total_steps:
+            loss_sum, n_ex, n_tok = metrics.all_reduce_sum(window).tolist()
+            elapsed = time.perf_counter() - t_log
+            record = {
+                "train/loss": loss_sum / n_ex,
+                "train/lr": engine.get_lr()[0],
+                "train/epoch": step / schedule.steps_per_epoch,
+                "train/tokens_per_s": n_tok / elapsed,
+                "train/samples_per_s": n_ex / elapsed,
+            }
+            tracker.log(step, record)
+            window.zero_()
+            t_log = time.perf_counter()
+            tracker.advance(loss=record["train/loss"], tok_s=record["train/tokens_per_s"])
+        else:
+            tracker.advance()
+
+        if step in schedule.eval_steps:
+            t_eval = time.perf_counter()
+            dev = evaluate(engine, splits.dev, labels, cfg.train.eval_batch_size, pad_id, rank,
+                           sizes.world_size, device)
+            tracker.log(step, flat("eval", dev))
+            tracker.print(f"step {step}: dev accuracy {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f}")
+            if best["metrics"] is None or dev["accuracy"] > best["metrics"]["accuracy"]:
+                best = {"step": step, "metrics": dev, "prompt": read_prompt(prompt)}
+            t_log += time.perf_counter() - t_eval  # keep eval time out of train throughput
+
+    final_prompt = read_prompt(prompt)
+    write_prompt(prompt, best["prompt"])
+    test = None
+    if splits.test is not None:
+        test = evaluate(engine, splits.test, labels, cfg.train.eval_batch_size, pad_id, rank,
+                        sizes.world_size, device)
+        tracker.log(schedule.total_steps, flat("test", test))
+        tracker.print(f"best dev step {best['step']}: test accuracy {test['accuracy']:.4f} "
+                      f"macro-F1 {test['macro_f1']:.4f}")
+    return {"best_step": best["step"], "dev": best["metrics"], "test": test, "prompt": best["prompt"],
+            "final_prompt": final_prompt}
