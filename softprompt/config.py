@@ -105,7 +105,7 @@ class TrainConfig:
     )
     output_dir: str = _help("where metrics.jsonl, results.json and the prompt are written", default="runs/demo")
     max_steps: int = _help("optimizer steps to train (0 = use --epochs)", default=0)
-    epochs: float = _help("epochs over the training split, used when --max_steps is 0", default=3.0)
+    epochs: float = _help("epochs over the training split, used when --max_steps is 0", default=2.0)
     eval_every: int = _help("evaluate on dev every N steps (0 = at the end of every epoch)", default=0)
     log_every: int = _help("log train metrics every N steps", default=10)
     eval_batch_size: int = _help("per-rank batch size for evaluation", default=64)

@@ -110,6 +110,10 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.init_distributed(verbose=False)
     import torch.distributed as dist
 
+    if device().type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # torch gives every process all cores; N ranks on one node would oversubscribe them N-fold.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -132,6 +136,8 @@ def device() -> torch.device:
 def load_model_config(name_or_path: str):
     from transformers import AutoConfig
 
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise ConfigError(f"--model {name_or_path}: no such model directory")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
