@@ -211,15 +211,26 @@ def initialize(model: torch.nn.Module, ds_config: dict):
     """deepspeed.initialize with the prompt as the only trainable parameter (asserted)."""
     import deepspeed
 
+    from .metrics import all_reduce_sum
+
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["prompt.weight"], f"only the prompt may train, found {trainable}"
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[model.prompt.weight], config=ds_config
-    )
+    prompt = model.prompt.weight
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=[prompt], config=ds_config)
+    # ZeRO hands the optimizer flat fp32 partitions of the prompt, so compare element counts summed
+    # over ranks rather than tensor identities.
+    held = all_reduce_sum(torch.tensor(sum(p.numel() for g in base_optimizer(engine).param_groups
+                                           for p in g["params"]))).item()
+    n_prompt = prompt.ds_numel if hasattr(prompt, "ds_numel") else prompt.numel()
+    assert held == n_prompt, f"the optimizer holds {held} elements; the prompt has {n_prompt}"
     return engine, scheduler
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper (or the optimizer itself without one)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
 def optimizer_state_numel(engine) -> int:
-    """Elements of optimizer state per moment (e.g. Adam's exp_avg) on this rank."""
-    state = engine.optimizer.optimizer.state if hasattr(engine.optimizer, "optimizer") else engine.optimizer.state
-    return sum(s["exp_avg"].numel() for s in state.values() if "exp_avg" in s)
+    """Elements of optimizer state per moment (Adam's exp_avg) on this rank."""
+    return sum(s["exp_avg"].numel() for s in base_optimizer(engine).state.values() if "exp_avg" in s)
