@@ -219,8 +219,7 @@ def initialize(model: torch.nn.Module, ds_config: dict):
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=[prompt], config=ds_config)
     # ZeRO hands the optimizer flat fp32 partitions of the prompt, so compare element counts summed
     # over ranks rather than tensor identities.
-    held = all_reduce_sum(torch.tensor(sum(p.numel() for g in base_optimizer(engine).param_groups
-                                           for p in g["params"]))).item()
+    held = all_reduce_sum(torch.tensor(sum(p.numel() for p in optimized_tensors(engine)))).item()
     n_prompt = prompt.ds_numel if hasattr(prompt, "ds_numel") else prompt.numel()
     assert held == n_prompt, f"the optimizer holds {held} elements; the prompt has {n_prompt}"
     return engine, scheduler
@@ -229,6 +228,14 @@ def initialize(model: torch.nn.Module, ds_config: dict):
 def base_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer inside DeepSpeed's ZeRO wrapper (or the optimizer itself without one)."""
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def optimized_tensors(engine) -> list[torch.Tensor]:
+    """The fp32 tensors the optimizer updates on this rank. ZeRO-3 keeps its flat partitions out of
+    the torch optimizer's param_groups between steps, so ask it directly."""
+    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):
+        return list(engine.optimizer.fp32_partitioned_groups_flat)
+    return [p for g in base_optimizer(engine).param_groups for p in g["params"]]
 
 
 def optimizer_state_numel(engine) -> int:
