@@ -7,7 +7,7 @@ so a bad run fails in seconds with one line and exit code 2. `--dry_run` stops r
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import sys
 import time
@@ -15,7 +15,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from softprompt import data, engine, prompt as prompt_lib, tiny, verbalizer
+from softprompt import checkpoint, data, engine, prompt as prompt_lib, tiny, verbalizer
 from softprompt.config import ConfigError, RunConfig
 from softprompt.tokenize import tokenizer_hash
 
@@ -36,6 +36,8 @@ class Validated:
     splits: data.Splits
     pieces: list[list[int]]
     schedule: object
+    checkpoint: Path | None  # to resume from
+    init_prompt: object  # (n_tokens, d_model) tensor from --init_prompt, or None
 
 
 def is_main_process() -> bool:
@@ -61,7 +63,29 @@ def validate(cfg: RunConfig) -> Validated:
                                   cfg.train.epochs, cfg.train.eval_every)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Validated(ds_config, sizes, model_path, model_config, tokenizer, splits, pieces, schedule)
+    resume_from = checkpoint.find_checkpoint(cfg.train.output_dir, cfg.train.resume)
+    init = None
+    if cfg.train.init_prompt:
+        init = load_init_prompt(cfg, model_config, splits.label_names, tokenizer_hash(tokenizer))
+    return Validated(ds_config, sizes, model_path, model_config, tokenizer, splits, pieces, schedule,
+                     resume_from, init)
+
+
+def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str):
+    """--init_prompt's values, checked against this run's prompt shape, labels and tokenizer."""
+    path = cfg.train.init_prompt
+    try:
+        values, meta = checkpoint.load_prompt(path)
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise ConfigError(f"--init_prompt {path}: not a readable prompt file ({str(e).splitlines()[0]})") from None
+    expected = (cfg.model.prompt_length, model_config.d_model)
+    if tuple(values.shape) != expected:
+        raise ConfigError(f"--init_prompt {path}: shape {tuple(values.shape)}, this run needs "
+                          f"(--prompt_length, d_model) = {expected}")
+    for key, ours in (("label_names", label_names), ("tokenizer_hash", tok_hash)):
+        if key in meta and meta[key] != ours:
+            raise ConfigError(f"--init_prompt {path}: {key} {meta[key]} does not match this run's {ours}")
+    return values
 
 
 def summary(cfg: RunConfig, v: Validated) -> str:
@@ -97,8 +121,10 @@ def build(cfg: RunConfig, v: Validated):
     special = set(v.tokenizer.all_special_ids)
     frequent = (prompt_lib.most_frequent_ids(v.splits.train["input_ids"], special)
                 if cfg.model.prompt_init == "vocab" else ())
-    init = prompt_lib.init_prompt(cfg.model.prompt_init, cfg.model.prompt_length, mt5.shared,
-                                  cfg.train.seed, frequent, v.pieces)
+    init = v.init_prompt
+    if init is None:
+        init = prompt_lib.init_prompt(cfg.model.prompt_init, cfg.model.prompt_length, mt5.shared,
+                                      cfg.train.seed, frequent, v.pieces)
     model = PromptedMT5(mt5, prompt_lib.SoftPrompt(init), head)
     threshold = v.ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100_000)
     if hf_ds is not None and init.numel() >= threshold and is_main_process():
@@ -109,20 +135,22 @@ def build(cfg: RunConfig, v: Validated):
     return eng
 
 
-def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: int) -> None:
-    from softprompt.checkpoint import save_prompt, write_json
-
-    out = Path(cfg.train.output_dir)
-    meta = {
+def prompt_meta(cfg: RunConfig, v: Validated) -> dict:
+    """What prompt.json records: enough to check a prompt against a model and data before use."""
+    return {
         "model": v.model_path,
         "init": cfg.model.prompt_init,
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
         "tokenizer_hash": tokenizer_hash(v.tokenizer),
-        "best_step": result["best_step"],
     }
-    save_prompt(out, result["prompt"], meta)
-    write_json(out / "results.json", {
+
+
+def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: int) -> None:
+    out = Path(cfg.train.output_dir)
+    checkpoint.save_prompt(out, result["prompt"], {**prompt_meta(cfg, v), "best_step": result["best_step"]})
+    final = result["final_prompt"].numpy().tobytes()
+    checkpoint.write_json(out / "results.json", {
         "config": asdict(cfg),
         "ds_config": v.ds_config,
         "batch": asdict(v.sizes),
@@ -133,8 +161,27 @@ def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: in
         "best_step": result["best_step"],
         "dev": result["dev"],
         "test": result["test"],
+        "final_prompt_sha256": hashlib.sha256(final).hexdigest(),
         "wall_time_s": wall_s,
     })
+
+
+def run_config(cfg: RunConfig, v: Validated, eng, world: int) -> dict:
+    """The W&B run's config: every resolved setting, the DeepSpeed JSON, batch sizes, model size,
+    world size and the code's git commit."""
+    from softprompt.tracking import git_commit
+
+    # (elements, trainable) per parameter; under ZeRO-3 a parameter is a size-0 placeholder + ds_numel
+    params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in eng.module.parameters()]
+    return {
+        **asdict(cfg),
+        "ds_config": v.ds_config,
+        "batch": asdict(v.sizes),
+        "world_size": world,
+        "params_total": sum(n for n, _ in params),
+        "params_trainable": sum(n for n, trainable in params if trainable),
+        "git_commit": git_commit(),
+    }
 
 
 def run(cfg: RunConfig) -> int:
@@ -147,16 +194,31 @@ def run(cfg: RunConfig) -> int:
         return 0
 
     from softprompt import trainer
-    from softprompt.tracking import Tracker
+    from softprompt.tracking import Tracker, WandbSettings
 
     tracker = None
+    preemption = trainer.Preemption()  # before the slow build: a signal during it is not lost
     rank, world = engine.init_distributed()
     try:
         eng = build(cfg, v)
-        tracker = Tracker(cfg.train.output_dir, rank == 0, v.schedule.total_steps, cfg.train.quiet)
-        tracker.print(summary(cfg, v))
+        state = checkpoint.load_checkpoint(eng, v.checkpoint, world, rank) if v.checkpoint else None
+        start = state["step"] if state else 0
+        if rank == 0 and state:
+            checkpoint.forget_after(cfg.train.output_dir, start)
+        tracker = Tracker(cfg.train.output_dir, rank == 0, v.schedule.total_steps, cfg.train.quiet, start,
+                          wandb=WandbSettings.from_config(cfg.train),
+                          run_config=run_config(cfg, v, eng, world) if rank == 0 else None)
+        tracker.print(summary(cfg, v) + (f"\nresumed from {v.checkpoint}" if state else ""))
+
+        def save(step: int, trainer_state: dict) -> None:
+            prompt = prompt_lib.read_prompt(eng.module.prompt.weight)  # collective
+            checkpoint.save_checkpoint(eng, cfg.train.output_dir, step, trainer_state, prompt,
+                                       prompt_meta(cfg, v), cfg.train.keep_checkpoints, rank)
+
         result = trainer.train(eng, v.splits, v.sizes, v.schedule, cfg, tracker, v.tokenizer.pad_token_id,
-                               rank, engine.device())
+                               rank, engine.device(), state, save, preemption)
+        if result["preempted"]:
+            return checkpoint.EXIT_REQUEUE
         if rank == 0:
             outputs(cfg, v, result, time.perf_counter() - t0, world)
             tracker.print(f"wrote {cfg.train.output_dir}/results.json and prompt.safetensors")

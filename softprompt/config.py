@@ -8,6 +8,9 @@ flag of the same name (see launcher/cli.py), and its `help` metadata is the flag
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -111,6 +114,39 @@ class TrainConfig:
     eval_batch_size: int = _help("per-rank batch size for evaluation", default=64)
     seed: int = _help("seed for prompt init and data order", default=0)
     quiet: bool = _help("no progress bar (batch jobs)", default=False)
+    save_every: int = _help(
+        "write a resumable checkpoint (prompt + optimizer + data position + RNG; never the frozen "
+        "model) under OUTPUT_DIR/checkpoints every N steps (0 = only on preemption)",
+        default=0,
+    )
+    keep_checkpoints: int = _help("keep the newest K checkpoints", default=2)
+    resume: str = _help(
+        "'auto' = continue from the newest complete checkpoint in --output_dir (fresh start if "
+        "none), a checkpoint path, or 'none'",
+        default="none",
+    )
+    init_prompt: str | None = _help(
+        "start from an exported prompt.safetensors (works with any number of ranks)", default=None
+    )
+    wandb_project: str | None = _help("W&B project to log to (W&B is off without one)", default=None)
+    wandb_mode: str | None = _help(
+        "online, offline (write locally; upload later with `wandb sync`) or disabled (default: "
+        "$WANDB_MODE if set, else online when an API key is configured by WANDB_API_KEY or "
+        "`wandb login`, else offline)",
+        default=None,
+    )
+    wandb_group: str | None = _help("W&B group: give all runs of a sweep the same one", default=None)
+    wandb_tags: str | None = _help("comma-separated W&B tags", default=None)
+    wandb_run_name: str | None = _help(
+        "W&B run name (default: <model basename>_pl<prompt length>_init-<init>_s<seed>, e.g. "
+        "mt5-xl_pl100_init-labels_s0)",
+        default=None,
+    )
+    peak_tflops: float | None = _help(
+        "peak TFLOP/s of one device in the training precision (e.g. 989 for an H100 SXM in bf16, "
+        "dense), for train/mfu; without it MFU is not logged",
+        default=None,
+    )
     dry_run: bool = _help("validate data, labels, model and ds_config, then exit", default=False)
 
     def __post_init__(self):
@@ -121,10 +157,37 @@ class TrainConfig:
         for name in ("eval_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("--save_every must be >= 0 and --keep_checkpoints >= 1")
+        if self.resume != "none" and self.init_prompt:
+            raise ConfigError("give --resume or --init_prompt, not both")
         if self.log_every == 0:
             raise ConfigError("--log_every must be >= 1")
         if self.eval_batch_size <= 0:
             raise ConfigError(f"--eval_batch_size must be > 0, got {self.eval_batch_size}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"--peak_tflops must be > 0, got {self.peak_tflops}")
+        self._check_wandb()
+
+    def _check_wandb(self) -> None:
+        """W&B flags need a project. An absent --wandb_mode is resolved here, so that results.json
+        and the W&B config record the mode the run really used."""
+        if self.wandb_project is None:
+            for name in ("wandb_mode", "wandb_group", "wandb_tags", "wandb_run_name"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name} needs --wandb_project")
+            return
+        if not self.wandb_project.strip():
+            raise ConfigError("--wandb_project must not be empty")
+        source = "--wandb_mode"
+        if self.wandb_mode is None:
+            from .tracking import default_wandb_mode  # imports wandb only when needed
+
+            self.wandb_mode, source = default_wandb_mode()
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"{source} must be one of {', '.join(WANDB_MODES)}, got {self.wandb_mode!r}")
+        if self.wandb_tags is not None and not all(t.strip() for t in self.wandb_tags.split(",")):
+            raise ConfigError(f"--wandb_tags {self.wandb_tags!r} has an empty tag")
 
 
 @dataclass
@@ -132,3 +195,12 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+
+    def __post_init__(self):
+        if self.train.wandb_project is not None and self.train.wandb_run_name is None:
+            self.train.wandb_run_name = default_run_name(self.model, self.train.seed)
+
+
+def default_run_name(model: ModelConfig, seed: int) -> str:
+    """e.g. tiny_pl20_init-random_s0, mt5-xl_pl100_init-labels_s0 (for google/mt5-xl)."""
+    return f"{Path(model.model.rstrip('/')).name}_pl{model.prompt_length}_init-{model.prompt_init}_s{seed}"

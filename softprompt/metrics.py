@@ -38,3 +38,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (e.g. a signal that reached one rank)."""
+    return all_reduce_sum(torch.tensor([int(flag)])).item() > 0

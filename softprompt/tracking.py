@@ -1,27 +1,82 @@
-"""Run logging: metrics.jsonl and a progress bar, on rank 0 only."""
+"""Run logging on rank 0: metrics.jsonl, W&B and a progress bar; plus what the log records.
+
+metrics.jsonl mirrors W&B: each `log(step, metrics)` writes one JSON line and sends the same keys
+and values to W&B at that step (W&B merges the events of one step into one history row). A value
+W&B stores as an object is written as its plain data: a `Table` as its rows (`data`), a
+non-finite float as the string W&B stores ("NaN", "Infinity", "-Infinity").
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
+import resource
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
+
+COLLAPSE_SHARE = 0.95  # eval/collapsed: this share of the predictions or more is one class
+
+
+@dataclass(frozen=True)
+class Table:
+    """A W&B table; metrics.jsonl gets its rows."""
+
+    columns: list[str]
+    data: list[list]
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    project: str
+    mode: str  # online | offline
+    name: str
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_config(train) -> WandbSettings | None:
+        """From a resolved TrainConfig; None when W&B is off (no --wandb_project, or mode disabled)."""
+        if train.wandb_project is None or train.wandb_mode == "disabled":
+            return None
+        tags = tuple(t.strip() for t in train.wandb_tags.split(",")) if train.wandb_tags else ()
+        return WandbSettings(train.wandb_project, train.wandb_mode, train.wandb_run_name, train.wandb_group,
+                             tags)
 
 
 class Tracker:
-    """metrics.jsonl (one JSON object per event, each with `step`) + a tqdm bar; silent off rank 0."""
+    """metrics.jsonl (one JSON object per event, each with `step`), W&B when configured, a tqdm bar;
+    silent off rank 0: only rank 0 ever calls `wandb.init`."""
 
-    def __init__(self, output_dir: str | Path, is_main: bool, total_steps: int, quiet: bool = False):
+    def __init__(self, output_dir: str | Path, is_main: bool, total_steps: int, quiet: bool = False,
+                 start_step: int = 0, *, wandb: WandbSettings | None = None, run_config: dict | None = None,
+                 resume_run_id: str | None = None):
+        """`start_step` > 0 resumes: metrics.jsonl is appended to and the bar starts there.
+
+        `run_config` is the W&B run's config; `resume_run_id` continues that W&B run (online or
+        offline). `run_id` is the W&B run's id: None off rank 0 and when W&B is off.
+        """
         self.is_main = is_main
         self.file = None
         self.bar = None
+        self.run = None
+        self.run_id: str | None = None
         if not is_main:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(output_dir) / "metrics.jsonl", "w")
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
+        self.file = open(Path(output_dir) / "metrics.jsonl", "a" if start_step else "w")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=quiet,
+                        dynamic_ncols=True)
+        if wandb is not None:
+            self.run = _init_wandb(wandb, Path(output_dir), run_config or {}, resume_run_id)
+            self.run_id = self.run.id
 
     def log(self, step: int, metrics: dict) -> None:
         if self.file is None:
@@ -29,6 +84,8 @@ class Tracker:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
+        if self.run is not None:
+            self.run.log({k: _for_wandb(v) for k, v in metrics.items()}, step=step)
 
     def advance(self, **postfix) -> None:
         if self.bar is not None:
@@ -46,10 +103,76 @@ class Tracker:
             self.bar.close()
         if self.file is not None:
             self.file.close()
-        self.file = self.bar = None
+        if self.run is not None:
+            # Called from main's `finally`: an exception on its way out marks the W&B run failed.
+            self.run.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+        self.file = self.bar = self.run = None
+
+
+def _init_wandb(settings: WandbSettings, output_dir: Path, run_config: dict, resume_run_id: str | None):
+    import wandb
+
+    return wandb.init(
+        project=settings.project, name=settings.name, group=settings.group, tags=list(settings.tags),
+        mode=settings.mode, config=run_config,
+        # <output_dir>/wandb, beside metrics.jsonl, unless WANDB_DIR says otherwise
+        dir=os.environ.get("WANDB_DIR", str(output_dir)),
+        id=resume_run_id, resume="allow" if resume_run_id else None,
+    )
 
 
 def _plain(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf
+    if isinstance(v, Table):
+        return v.data
+    if isinstance(v, float) and not math.isfinite(v):  # JSON has none: the strings W&B stores
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
     return v
+
+
+def _for_wandb(v):
+    if isinstance(v, Table):
+        import wandb
+
+        return wandb.Table(columns=v.columns, data=v.data)
+    return v
+
+
+def default_wandb_mode() -> tuple[str, str]:
+    """(mode, where it came from) for a run without --wandb_mode: $WANDB_MODE if set, else online
+    when an API key is configured (WANDB_API_KEY, `wandb login`'s netrc or settings), else offline.
+    Reads the environment and local files only: no network."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "$WANDB_MODE"
+    if os.environ.get("WANDB_API_KEY"):
+        return "online", "default"
+    import wandb
+
+    # wandb.api is deprecated in wandb 0.31 (it prints a warning) but is still the one spelling of
+    # "the configured key" that works across the wandb versions we support.
+    with contextlib.redirect_stderr(io.StringIO()):
+        return ("online" if wandb.api.api_key else "offline"), "default"
+
+
+def memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory: host RSS always (ru_maxrss is in KiB on Linux), device memory on GPUs."""
+    out = {"train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["train/max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def collapsed(pred_counts: dict[str, int]) -> bool:
+    """True when one class takes COLLAPSE_SHARE or more of the predictions: a prompt that stopped
+    discriminating (often stuck on the majority class)."""
+    total = sum(pred_counts.values())
+    return total > 0 and max(pred_counts.values()) >= COLLAPSE_SHARE * total
+
+
+def git_commit() -> str | None:
+    """HEAD of the git checkout this code runs from; None outside one or without git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None

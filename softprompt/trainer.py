@@ -9,16 +9,18 @@ batch see the same examples per optimizer step, and their losses agree.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from . import metrics, verbalizer
+from . import flops, metrics, verbalizer
 from .collate import collate
 from .engine import BatchSizes
 from .prompt import read_prompt, write_prompt
-from .tracking import Tracker
+from .tracking import COLLAPSE_SHARE, Table, Tracker, collapsed, memory_mb
 
 
 @dataclass(frozen=True)
@@ -84,24 +86,48 @@ def flat(prefix: str, m: dict) -> dict:
     out = {f"{prefix}/accuracy": m["accuracy"], f"{prefix}/macro_f1": m["macro_f1"]}
     out.update({f"{prefix}/f1/{k}": v for k, v in m["f1"].items()})
     out.update({f"{prefix}/pred_count/{k}": v for k, v in m["pred_counts"].items()})
-    out[f"{prefix}/confusion"] = m["confusion"]
+    # Row i = true label i, column j = predicted label j.
+    out[f"{prefix}/confusion"] = Table(columns=list(m["pred_counts"]), data=m["confusion"])
+    out[f"{prefix}/collapsed"] = collapsed(m["pred_counts"])
     return out
 
 
+class Preemption:
+    """SIGUSR1 / SIGTERM (what Slurm sends before a time limit or preemption) only set a flag; the
+    loop acts on it at the next step boundary, once every rank agrees."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
 def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: Tracker, pad_id: int,
-          rank: int, device) -> dict:
-    """Train, evaluate on dev per `schedule`, then score the best-dev prompt on test."""
+          rank: int, device, state: dict | None = None, save: Callable[[int, dict], None] | None = None,
+          preemption: Preemption | None = None) -> dict:
+    """Train, evaluate on dev per `schedule`, then score the best-dev prompt on test.
+
+    `state` is a checkpoint's trainer state to continue from; `save(step, state)` writes one (every
+    --save_every steps, and when a preemption is requested: then the run returns early with
+    `preempted` set).
+    """
     prompt = engine.module.prompt.weight
     n_prompt = engine.module.prompt.n_tokens
     labels = splits.label_names
     best = {"step": 0, "metrics": None, "prompt": None}
     window = torch.zeros(3, dtype=torch.float64)  # loss x examples, examples, tokens since last log
+    start = 0
+    if state is not None:  # the data position follows from the step: order = f(seed, epoch)
+        start, best, window = state["step"], state["best"], state["window"]
     t_log = time.perf_counter()
     engine.train()
 
-    for step in range(1, schedule.total_steps + 1):
+    for step in range(start + 1, schedule.total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, schedule.steps_per_epoch)
-        if step_in_epoch == 0:
+        if step_in_epoch == 0 or step == start + 1:
             order = epoch_order(len(splits.train), cfg.train.seed, epoch)
         for idx in micro_batches(order, step_in_epoch, sizes, rank):
             batch = collate(rows(splits.train, idx), pad_id).to(device)
@@ -121,7 +147,18 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
                 "train/epoch": step / schedule.steps_per_epoch,
                 "train/tokens_per_s": n_tok / elapsed,
                 "train/samples_per_s": n_ex / elapsed,
+                "train/step_time_s": elapsed * sizes.global_batch / n_ex,  # each step takes one global batch
+                "train/prompt_norm": read_prompt(prompt).norm().item(),  # collective: every rank reads it
+                **memory_mb(device),
             }
+            # The last step's, before clipping; DeepSpeed has none at ZeRO stage 0 without clipping.
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                record["train/grad_norm"] = float(grad_norm)
+            if cfg.train.peak_tflops:
+                window_flops = flops.train_flops(engine.module.mt5.config, n_ex, n_tok / n_ex)
+                record["train/mfu"] = flops.mfu(window_flops, elapsed, cfg.train.peak_tflops,
+                                                sizes.world_size)
             tracker.log(step, record)
             window.zero_()
             t_log = time.perf_counter()
@@ -133,11 +170,22 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
             t_eval = time.perf_counter()
             dev = evaluate(engine, splits.dev, labels, cfg.train.eval_batch_size, pad_id, rank,
                            sizes.world_size, device)
-            tracker.log(step, flat("eval", dev))
+            record = flat("eval", dev)
+            tracker.log(step, record)
             tracker.print(f"step {step}: dev accuracy {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f}")
+            if record["eval/collapsed"]:
+                tracker.print(f"warning: step {step}: {COLLAPSE_SHARE:.0%} or more of the dev predictions "
+                              f"are one class {dev['pred_counts']}")
             if best["metrics"] is None or dev["accuracy"] > best["metrics"]["accuracy"]:
                 best = {"step": step, "metrics": dev, "prompt": read_prompt(prompt)}
             t_log += time.perf_counter() - t_eval  # keep eval time out of train throughput
+
+        stop = preemption is not None and metrics.any_rank(preemption.requested)
+        if save is not None and (stop or (cfg.train.save_every and step % cfg.train.save_every == 0)):
+            save(step, {"step": step, "best": best, "window": window})
+        if stop:
+            tracker.print(f"preempted: checkpoint saved at step {step}")
+            return {"preempted": True, "step": step}
 
     final_prompt = read_prompt(prompt)
     write_prompt(prompt, best["prompt"])
@@ -148,5 +196,5 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
         tracker.log(schedule.total_steps, flat("test", test))
         tracker.print(f"best dev step {best['step']}: test accuracy {test['accuracy']:.4f} "
                       f"macro-F1 {test['macro_f1']:.4f}")
-    return {"best_step": best["step"], "dev": best["metrics"], "test": test, "prompt": best["prompt"],
-            "final_prompt": final_prompt}
+    return {"preempted": False, "best_step": best["step"], "dev": best["metrics"], "test": test,
+            "prompt": best["prompt"], "final_prompt": final_prompt}
