@@ -40,10 +40,6 @@ class Validated:
     init_prompt: object  # (n_tokens, d_model) tensor from --init_prompt, or None
 
 
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def validate(cfg: RunConfig) -> Validated:
     from transformers import AutoTokenizer
 
@@ -127,7 +123,7 @@ def build(cfg: RunConfig, v: Validated):
                                       cfg.train.seed, frequent, v.pieces)
     model = PromptedMT5(mt5, prompt_lib.SoftPrompt(init), head)
     threshold = v.ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100_000)
-    if hf_ds is not None and init.numel() >= threshold and is_main_process():
+    if hf_ds is not None and init.numel() >= threshold and engine.is_main_process():
         print(f"warning: the prompt ({init.numel()} elements) is above stage3_param_persistence_threshold "
               f"({threshold}): it will be re-gathered every step; raise the threshold", file=sys.stderr)
     eng, _ = engine.initialize(model, v.ds_config)
@@ -143,6 +139,7 @@ def prompt_meta(cfg: RunConfig, v: Validated) -> dict:
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
         "tokenizer_hash": tokenizer_hash(v.tokenizer),
+        "max_length": cfg.data.max_length,
     }
 
 
@@ -188,7 +185,7 @@ def run(cfg: RunConfig) -> int:
     t0 = time.perf_counter()
     v = validate(cfg)
     if cfg.train.dry_run:
-        if is_main_process():
+        if engine.is_main_process():
             print(summary(cfg, v))
             print("dry run: inputs are valid; nothing was written")
         return 0
@@ -207,7 +204,8 @@ def run(cfg: RunConfig) -> int:
             checkpoint.forget_after(cfg.train.output_dir, start)
         tracker = Tracker(cfg.train.output_dir, rank == 0, v.schedule.total_steps, cfg.train.quiet, start,
                           wandb=WandbSettings.from_config(cfg.train),
-                          run_config=run_config(cfg, v, eng, world) if rank == 0 else None)
+                          run_config=run_config(cfg, v, eng, world) if rank == 0 else None,
+                          resume_run_id=state.get("wandb_run_id") if state else None)
         tracker.print(summary(cfg, v) + (f"\nresumed from {v.checkpoint}" if state else ""))
 
         def save(step: int, trainer_state: dict) -> None:
@@ -232,7 +230,7 @@ def run(cfg: RunConfig) -> int:
 def quiet_libraries() -> None:
     """Keep the console for our own progress: library progress bars on rank 0 only, no noise."""
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    if not is_main_process():
+    if not engine.is_main_process():
         import datasets
         import transformers
 
@@ -245,6 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cli.parse(argv))
     except ConfigError as e:
-        if is_main_process():
+        if engine.is_main_process():
             print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

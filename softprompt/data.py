@@ -66,7 +66,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.text_pair_field:
         fields["text_pair"] = cfg.text_pair_field
     fields["label"] = cfg.label_field
-    columns = {split: _read_file(path, fields) for split, path in files.items()}
+    columns = {split: read_file(path, fields) for split, path in files.items()}
 
     label_names, to_index = _label_set(columns["train"]["label"], files["train"], cfg.label_field)
     out = {}
@@ -75,7 +75,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         for row, value in enumerate(labels):
             if value not in to_index:
                 raise ConfigError(
-                    f"{_where(path, row)}: field '{cfg.label_field}': label {value!r} does not occur "
+                    f"{where_row(path, row)}: field '{cfg.label_field}': label {value!r} does not occur "
                     f"in the train split (train labels: {', '.join(label_names)})"
                 )
         columns[split]["label"] = [to_index[v] for v in labels]
@@ -183,8 +183,9 @@ def _format(path) -> str:
     return FORMATS[Path(path).suffix]
 
 
-def _read_file(path: Path, fields: dict[str, str]) -> dict[str, list]:
-    """Load one file with `datasets` and return validated python columns (text, label, ...)."""
+def read_file(path: Path, fields: dict[str, str]) -> dict[str, list]:
+    """Load one file with `datasets` and return validated python columns, keyed like `fields`
+    (column -> the file's field name): text, and optionally text_pair, label, task."""
     fmt = _format(path)
     try:
         if fmt == "json":
@@ -214,7 +215,7 @@ def _read_file(path: Path, fields: dict[str, str]) -> dict[str, list]:
     for field in fields.values():
         if field not in ds.column_names:
             # csv/tsv: the header (line 1) lacks it; jsonl: already the first record does.
-            where = f"{path}:1" if fmt != "json" else _where(path, 0)
+            where = f"{path}:1" if fmt != "json" else where_row(path, 0)
             raise ConfigError(f"{where}: field {field!r} not found (fields: {', '.join(ds.column_names)})")
     try:
         columns = {column: list(ds[field]) for column, field in fields.items()}
@@ -225,13 +226,15 @@ def _read_file(path: Path, fields: dict[str, str]) -> dict[str, list]:
     for column in ("text", "text_pair"):
         for row, value in enumerate(columns.get(column, [])):
             if value is None:
-                raise ConfigError(f"{_where(path, row)}: field {fields[column]!r} is missing")
+                raise ConfigError(f"{where_row(path, row)}: field {fields[column]!r} is missing")
             if not isinstance(value, str):
                 raise ConfigError(
-                    f"{_where(path, row)}: field {fields[column]!r}: expected a string, got {value!r}"
+                    f"{where_row(path, row)}: field {fields[column]!r}: expected a string, got {value!r}"
                 )
             if not value.strip():
-                raise ConfigError(f"{_where(path, row)}: field {fields[column]!r} is empty")
+                raise ConfigError(f"{where_row(path, row)}: field {fields[column]!r} is empty")
+    if "label" not in columns:
+        return columns
     labels = [_label_value(v, path, row, fields["label"]) for row, v in enumerate(columns["label"])]
     if fmt != "json":
         # csv/tsv cells have no type: a label that looks like an int is one, so "10" sorts after
@@ -252,7 +255,7 @@ def _label_value(value, path, row: int, field: str):
     elif isinstance(value, int) and not isinstance(value, bool):
         return value
     what = "is missing" if value is None or value == "" else f"expected an int or a string, got {value!r}"
-    raise ConfigError(f"{_where(path, row)}: field {field!r} {what}")
+    raise ConfigError(f"{where_row(path, row)}: field {field!r} {what}")
 
 
 def _label_set(train_labels: list, path, field: str) -> tuple[list[str], dict]:
@@ -261,7 +264,7 @@ def _label_set(train_labels: list, path, field: str) -> tuple[list[str], dict]:
     for row, value in enumerate(train_labels):
         if type(value) is not first_type:
             raise ConfigError(
-                f"{_where(path, row)}: field {field!r}: label {value!r} is a {type(value).__name__} "
+                f"{where_row(path, row)}: field {field!r}: label {value!r} is a {type(value).__name__} "
                 f"but earlier labels are {first_type.__name__}s: use one type for all labels"
             )
     values = sorted(set(train_labels))
@@ -276,7 +279,7 @@ def _label_set(train_labels: list, path, field: str) -> tuple[list[str], dict]:
 # ------------------------------------------------------------------------- error locations
 
 
-def _where(path, row: int) -> str:
+def where_row(path, row: int) -> str:
     """``path:LINE`` for the ``row``-th record (0-based) of a file, ``inews row N`` for inews."""
     if str(path) == INEWS:
         return f"{INEWS} row {row + 1}"
@@ -414,7 +417,7 @@ def tokenize_splits(splits: Splits, tokenizer, max_length: int, cache_dir: str |
             row, part = e.rows[0], e.parts[0]
             field = splits.fields.get(part, part)
             raise ConfigError(
-                f"{_where(splits.files.get(name, name), row)}: field {field!r}: the text has no "
+                f"{where_row(splits.files.get(name, name), row)}: field {field!r}: the text has no "
                 f"tokens (only characters the vocabulary drops); {len(e.rows)} such row(s) in {name}"
             ) from None
     return dataclasses.replace(splits, **out)

@@ -93,6 +93,11 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def is_main_process() -> bool:
+    """Rank 0, known from the launcher's environment even before the process group exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

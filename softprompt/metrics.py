@@ -43,3 +43,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is True on any rank (e.g. a signal that reached one rank)."""
     return all_reduce_sum(torch.tensor([int(flag)])).item() > 0
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

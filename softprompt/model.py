@@ -26,19 +26,30 @@ class PromptedMT5(nn.Module):
         # Original T5 (tied embeddings) rescales the decoder output before lm_head; mT5/T5 v1.1 do not.
         self.output_scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else 1.0
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Encoder states over [prompt; input] and the extended mask."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prompts: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None):
+        """Encoder states over [prompt; input] and the extended mask.
+
+        `prompts` (B, P, D) with `prompt_mask` (B, P) replace the trained prompt with one prompt
+        per row (inference with many prompts); shorter prompts are left-padded, so every real
+        token keeps its relative distances (T5's position bias is relative).
+        """
         B = input_ids.shape[0]
         embeds = self.mt5.shared(input_ids)  # (B, T, D)
-        prompt = self.prompt(B).to(embeds.dtype)  # (B, P, D)
-        x = torch.cat([prompt, embeds], dim=1)  # (B, P+T, D)
-        mask = torch.cat([attention_mask.new_ones(B, prompt.shape[1]), attention_mask], dim=1)  # (B, P+T)
+        if prompts is None:
+            prompts = self.prompt(B)  # (B, P, D)
+            prompt_mask = attention_mask.new_ones(B, prompts.shape[1])
+        x = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)  # (B, P+T, D)
+        mask = torch.cat([prompt_mask.to(attention_mask.dtype), attention_mask], dim=1)  # (B, P+T)
         states = self.mt5.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, P+T, D)
         return states, mask
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states, mask = self.encode(input_ids, attention_mask)
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts=None, prompt_mask=None):
+        """The decoder's first hidden state (B, D), as lm_head sees it."""
+        states, mask = self.encode(input_ids, attention_mask, prompts, prompt_mask)
         start = input_ids.new_full((input_ids.shape[0], 1), self.decoder_start_token_id)  # (B, 1)
         dec = self.mt5.decoder(input_ids=start, encoder_hidden_states=states, encoder_attention_mask=mask)
-        hidden = dec.last_hidden_state[:, 0] * self.output_scale  # (B, D)
-        return verbalizer.class_scores(hidden, self.head)  # (B, C)
+        return dec.last_hidden_state[:, 0] * self.output_scale  # (B, D)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return verbalizer.class_scores(self.hidden(input_ids, attention_mask), self.head)  # (B, C)

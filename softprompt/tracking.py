@@ -18,9 +18,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 COLLAPSE_SHARE = 0.95  # eval/collapsed: this share of the predictions or more is one class
 
@@ -35,6 +39,8 @@ class Table:
 
 @dataclass(frozen=True)
 class WandbSettings:
+    """What `wandb.init` is given besides the config."""
+
     project: str
     mode: str  # online | offline
     name: str
@@ -42,7 +48,7 @@ class WandbSettings:
     tags: tuple[str, ...] = ()
 
     @staticmethod
-    def from_config(train) -> WandbSettings | None:
+    def from_config(train: TrainConfig) -> WandbSettings | None:
         """From a resolved TrainConfig; None when W&B is off (no --wandb_project, or mode disabled)."""
         if train.wandb_project is None or train.wandb_mode == "disabled":
             return None
@@ -112,6 +118,9 @@ class Tracker:
 def _init_wandb(settings: WandbSettings, output_dir: Path, run_config: dict, resume_run_id: str | None):
     import wandb
 
+    # init's `mode` alone leaves W&B's process-wide settings as they were, and W&B 0.31 still sends its
+    # own SDK telemetry to the server unless those say offline: set the mode process-wide first.
+    wandb.setup(wandb.Settings(mode=settings.mode))
     return wandb.init(
         project=settings.project, name=settings.name, group=settings.group, tags=list(settings.tags),
         mode=settings.mode, config=run_config,

@@ -122,7 +122,8 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
     start = 0
     if state is not None:  # the data position follows from the step: order = f(seed, epoch)
         start, best, window = state["step"], state["best"], state["window"]
-    t_log = time.perf_counter()
+    # The restored window's examples were processed in the interrupted run's time, not ours.
+    t_log = time.perf_counter() - (state["window_s"] if state else 0.0)
     engine.train()
 
     for step in range(start + 1, schedule.total_steps + 1):
@@ -182,7 +183,8 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
 
         stop = preemption is not None and metrics.any_rank(preemption.requested)
         if save is not None and (stop or (cfg.train.save_every and step % cfg.train.save_every == 0)):
-            save(step, {"step": step, "best": best, "window": window})
+            save(step, {"step": step, "best": best, "window": window, "window_s": time.perf_counter() - t_log,
+                        "wandb_run_id": tracker.run_id})
         if stop:
             tracker.print(f"preempted: checkpoint saved at step {step}")
             return {"preempted": True, "step": step}

@@ -1,0 +1,231 @@
+"""Benchmark one training step: ours (`PromptedMT5`) against HF PEFT prompt tuning, in one process.
+
+    python -m launcher.bench                 # mT5-small shape, random weights, batch 8, length 128, prompt 20
+    python -m launcher.bench --dtype bf16 --fused_gelu
+
+Both sides train the same frozen weights (shared tensors, not copies) on the same batch with AdamW
+over the prompt only. Ours scores the verbalizer rows; PEFT (`PromptTuningConfig`,
+num_transformer_submodules=1) computes the full-vocabulary loss of the label token, as PEFT users do.
+Steps alternate ours/PEFT/a matmul sample, and each side's fastest step is reported (the median
+beside it): load from other processes on a shared machine only slows a step, and hits all three
+alike. The last line is the ratio ours/PEFT of tokens/s.
+
+Tokens per step = batch x seq_len (input tokens; the prompt is overhead). MFU = model FLOPs per step
+/ step time / the dense matmul peak (the fastest 2048^3 matmul sampled between the steps, same dtype). Model FLOPs (2 per
+multiply-add, matmuls only; L = prompt + input tokens, i = heads x d_kv, k = 3 gated / 2 plain FF):
+    encoder, per layer:   B*L*2*(4*d*i + k*d*f)  linear    + B*4*L*L*i  attention (QK^T, AV)
+    decoder, per layer:   B*2*(6*d*i + k*d*f)    one step: self q,k,v,o, cross q,o, FF
+                        + B*L*4*d*i              cross-attention K and V over all encoder tokens
+                        + B*4*L*i                cross-attention scores and AV for one query
+    backward: input gradients only (the model is frozen): 1x the linear FLOPs (no weight
+    gradients), 2x the attention FLOPs (both operands are activations). Step = 2*linear + 3*attention.
+Peak memory: on CUDA the allocator's peak per side; on CPU the tensors autograd saves (measured in
+one extra step, next to the planner's prediction) and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from softprompt import plan, verbalizer
+from softprompt.model import PromptedMT5
+from softprompt.prompt import SoftPrompt
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VERBALIZER_IDS = [3, 4, 5]
+
+
+def step_flops(s: plan.Shape, batch: int, seq_len: int, prompt_length: int) -> float:
+    """Model FLOPs of one forward + input-gradient backward (formula in the module docstring)."""
+    L, d, i, f = prompt_length + seq_len, s.d_model, s.inner, s.d_ff
+    k = 3 if s.feed_forward_proj.startswith("gated") else 2
+    linear = s.num_layers * batch * L * 2 * (4 * d * i + k * d * f)
+    linear += s.num_decoder_layers * batch * (2 * (6 * d * i + k * d * f) + L * 4 * d * i)
+    attention = s.num_layers * batch * 4 * L * L * i + s.num_decoder_layers * batch * 4 * L * i
+    return 2 * linear + 3 * attention
+
+
+def matmul_flops_per_s(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FLOP/s of one dense square matmul a @ b."""
+    sync(a.device)
+    t = time.perf_counter()
+    a @ b
+    sync(a.device)
+    return 2 * a.shape[0] ** 3 / (time.perf_counter() - t)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_mt5(s: plan.Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    config = MT5Config(vocab_size=s.vocab, d_model=s.d_model, d_ff=s.d_ff, d_kv=s.d_kv, num_layers=s.num_layers,
+                       num_decoder_layers=s.num_decoder_layers, num_heads=s.num_heads, dropout_rate=0.0,
+                       feed_forward_proj=s.feed_forward_proj, decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return MT5ForConditionalGeneration(config).to(device, dtype).requires_grad_(False)
+
+
+def twin(mt5):
+    """A second model object over the same weight tensors (no copy), so levers applied to our
+    modules (fused GELU) leave PEFT's stock model alone."""
+    with torch.device("meta"):
+        other = type(mt5)(mt5.config)
+    other.load_state_dict(mt5.state_dict(), assign=True)
+    return other.requires_grad_(False)
+
+
+def fuse_gelu(mt5) -> None:
+    """HF's `gelu_new` is the same tanh GELU written as 8 elementwise ops (each saving a tensor);
+    torch's fused kernel computes it in one pass and saves only its input."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for m in mt5.modules():
+        if isinstance(getattr(m, "act", None), NewGELUActivation):
+            m.act = GELUTanh()
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    shape = plan.MT5["mt5-small"]
+    ap.add_argument("--d_model", type=int, default=shape.d_model)
+    ap.add_argument("--d_ff", type=int, default=shape.d_ff)
+    ap.add_argument("--num_layers", type=int, default=shape.num_layers, help="encoder and decoder layers each")
+    ap.add_argument("--num_heads", type=int, default=shape.num_heads)
+    ap.add_argument("--d_kv", type=int, default=shape.d_kv)
+    ap.add_argument("--vocab", type=int, default=shape.vocab)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq_len", type=int, default=128, help="input tokens per example (no padding)")
+    ap.add_argument("--prompt_length", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32",
+                    help="frozen weights and activations (bf16 = DeepSpeed's bf16 mode); prompt and loss stay fp32")
+    ap.add_argument("--autocast", action="store_true",
+                    help="ours only: fp32 weights, forward under bf16 autocast, fp32 class scores and loss")
+    ap.add_argument("--fused_gelu", action="store_true", help="ours only: torch's fused tanh GELU for HF's gelu_new")
+    ap.add_argument("--compile", action="store_true", help="ours only: torch.compile the prompted model")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--lr", type=float, default=0.3)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    bad = [f"--{k} must be positive" for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "batch",
+                                                "seq_len", "prompt_length", "steps", "threads")
+           if getattr(args, k) is not None and getattr(args, k) <= 0]
+    if args.warmup < 0:
+        bad.append("--warmup must be >= 0")
+    if args.vocab <= max(VERBALIZER_IDS):
+        bad.append(f"--vocab must exceed the verbalizer ids {VERBALIZER_IDS}")
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    s = plan.Shape("bench", args.vocab, args.d_model, args.d_ff, args.num_layers, args.num_layers,
+                   args.num_heads, args.d_kv)
+    B, T, P = args.batch, args.seq_len, args.prompt_length
+
+    mt5 = build_mt5(s, dtype, device)
+    peft_base = twin(mt5)
+    if args.fused_gelu:
+        fuse_gelu(mt5)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(len(VERBALIZER_IDS) + 3, s.vocab, (B, T), generator=g).to(device)
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    labels = torch.randint(len(VERBALIZER_IDS), (B,), generator=g).to(device)
+    init = torch.rand(P, s.d_model, generator=g) - 0.5
+
+    ours = PromptedMT5(mt5, SoftPrompt(init), mt5.lm_head.weight[VERBALIZER_IDS].detach()).to(device).train()
+    forward = torch.compile(ours) if args.compile else ours
+    amp = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.autocast else contextlib.nullcontext
+
+    def ours_loss():
+        with amp():
+            scores = forward(ids, mask)
+        return verbalizer.loss(scores.float(), labels)
+
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    peft_model = get_peft_model(peft_base, PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P, num_transformer_submodules=1)).to(device).train()
+    peft_model.prompt_encoder["default"].embedding.weight.data.copy_(init)
+    label_tokens = torch.tensor(VERBALIZER_IDS, device=device)[labels][:, None]  # (B, 1): one decoder step
+
+    def peft_loss():
+        return peft_model(input_ids=ids, attention_mask=mask, labels=label_tokens).loss
+
+    sides = {
+        "ours": (ours_loss, torch.optim.AdamW([ours.prompt.weight], lr=args.lr), ours),
+        "peft": (peft_loss, torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr),
+                 peft_model),
+    }
+    times = {k: [] for k in sides}
+    peak = {k: 0 for k in sides}
+    mats = [torch.randn(2048, 2048, device=device).to(dtype) for _ in range(2)]
+    matmul = [0.0]
+    for i in range(args.warmup + args.steps):
+        # Alternate the sides and sample the matmul peak in between, so that load from other
+        # processes on a shared machine hits all three alike.
+        matmul.append(matmul_flops_per_s(*mats))
+        for name, (loss_fn, opt, _) in sides.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t = time.perf_counter()
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+
+    flops = step_flops(s, B, T, P)
+    fpeak = max(matmul[1:] or matmul)  # the first one warms up
+    print(f"config: d_model {s.d_model}, d_ff {s.d_ff}, {s.num_layers}+{s.num_layers} layers, {s.num_heads} heads, "
+          f"vocab {s.vocab}, batch {B}, seq_len {T}, prompt {P}, {args.dtype}, AdamW, {device.type}, "
+          f"threads {torch.get_num_threads()}, autocast {args.autocast}, fused_gelu {args.fused_gelu}, "
+          f"compile {args.compile}")
+    print(f"matmul peak {args.dtype}: {fpeak / 1e9:.1f} GFLOP/s")
+    print(f"model FLOPs per step: {flops / 1e9:.2f} GFLOP")
+    mib = 2**20
+    predicted = plan.activation_bytes(s, B, T + P, 2 if args.dtype == "bf16" else 4, checkpointing=False)
+    tok_s = {}
+    for name, (loss_fn, opt, module) in sides.items():
+        dt = min(times[name])
+        tok_s[name] = B * T / dt
+        if device.type == "cuda":
+            memory = f"peak memory {peak[name] / mib:.1f} MiB"
+        else:
+            saved = plan.saved_tensor_bytes(module, loss_fn)
+            opt.zero_grad(set_to_none=True)
+            memory = f"activations {saved / mib:.1f} MiB"
+            if name == "ours" and not (args.fused_gelu or args.autocast):
+                memory += f" (planner, for padded batches: {predicted / mib:.1f} MiB)"
+        print(f"{name}: step {dt:.3f} s (median {statistics.median(times[name]):.3f} s), {tok_s[name]:.1f} tokens/s, "
+              f"MFU {flops / dt / fpeak:.1%}, {memory}")
+    if device.type == "cpu":
+        print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"ours/PEFT tokens/s: {tok_s['ours'] / tok_s['peft']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Inference with one or many trained prompts on one frozen model.
+
+    python -m softprompt.predict --model M --prompt [TASK=]A.safetensors [--prompt ...] \
+        --input FILE --output preds.jsonl [--task_field task] [--ensemble mean|vote]
+
+One frozen model serves many tasks (Lester et al.'s multi-task serving): each input row names its
+task, and a batch mixes rows of different tasks in ONE forward, each row with its own prompt and
+its own verbalizer. With `--ensemble`, every row is scored by every prompt (same label set) and
+the probabilities are averaged (`mean`) or the per-prompt predictions vote (`vote`; ties go to
+the higher mean probability). Under the deepspeed launcher (`deepspeed --num_gpus N --module
+softprompt.predict ...`) with a ZeRO-3 `--ds_config`, ranks share the rows and each row is
+predicted exactly once; rank 0 writes the output atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, engine, metrics, verbalizer
+from .collate import collate
+from .config import ConfigError
+from .data import read_file, where_row
+from .prompt import SoftPrompt, gathered
+from .tokenize import EmptyTextError, encode, tokenizer_hash
+
+
+@dataclass
+class Task:
+    name: str
+    prompt: torch.Tensor  # (P, D) fp32
+    label_names: list[str]
+    pieces: list[list[int]]  # verbalizer token ids per class
+    max_length: int | None
+
+
+def parse_prompt_arg(arg: str) -> tuple[str, Path]:
+    """`TASK=PATH` or `PATH` (the task is then the name of the directory holding the prompt)."""
+    name, sep, path = arg.partition("=")
+    if not sep:
+        path = arg
+        name = Path(arg).resolve().parent.name
+    return name, Path(path)
+
+
+def load_tasks(prompt_args: list[str], d_model: int, tok_hash: str) -> list[Task]:
+    tasks = []
+    for arg in prompt_args:
+        name, path = parse_prompt_arg(arg)
+        try:
+            values, meta = checkpoint.load_prompt(path)
+        except Exception as e:  # safetensors raises its own types for truncated files
+            raise ConfigError(f"--prompt {path}: not a readable prompt file ({str(e).splitlines()[0]})") from None
+        if not meta:
+            raise ConfigError(f"--prompt {path}: {path.with_suffix('.json')} (labels, verbalizer) is missing")
+        if values.shape[1] != d_model:
+            raise ConfigError(f"--prompt {path}: d_model {values.shape[1]} does not match the model's {d_model}")
+        if meta.get("tokenizer_hash") != tok_hash:
+            raise ConfigError(f"--prompt {path}: trained with another tokenizer "
+                              f"(hash {meta.get('tokenizer_hash')}, the model's is {tok_hash})")
+        if name in {t.name for t in tasks}:
+            raise ConfigError(f"--prompt {arg}: task {name!r} given twice (name them: --prompt NAME=PATH)")
+        tasks.append(Task(name, values.float(), meta["label_names"], meta["verbalizer_ids"], meta.get("max_length")))
+    return tasks
+
+
+def row_tasks(task_column: list[str] | None, tasks: list[Task], ensemble: str | None, n: int,
+              path: Path) -> list[int]:
+    """Index of the task each row uses (-1 = all of them, for an ensemble)."""
+    names = {t.name: i for i, t in enumerate(tasks)}
+    if ensemble:
+        if any(t.label_names != tasks[0].label_names for t in tasks):
+            raise ConfigError(f"--ensemble needs prompts with the same labels, got "
+                              f"{[t.label_names for t in tasks]}")
+        return [-1] * n
+    if task_column is None:
+        if len(tasks) > 1:
+            raise ConfigError("several prompts: give --task_field (each row names its task) or --ensemble")
+        return [0] * n
+    out = []
+    for row, name in enumerate(task_column):
+        if name not in names:
+            raise ConfigError(f"{where_row(path, row)}: unknown task {name!r} (prompts: {', '.join(names)})")
+        out.append(names[name])
+    return out
+
+
+def stack_prompts(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, Pmax, D) prompts left-padded with zeros and their (K, Pmax) mask."""
+    width = max(p.shape[0] for p in prompts)
+    out = torch.zeros(len(prompts), width, prompts[0].shape[1])
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for k, p in enumerate(prompts):
+        out[k, width - p.shape[0]:] = p
+        mask[k, width - p.shape[0]:] = 1
+    return out, mask
+
+
+def stack_heads(heads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, Cmax, D) verbalizer heads and a (K, Cmax) mask of real classes."""
+    width = max(h.shape[0] for h in heads)
+    out = torch.zeros(len(heads), width, heads[0].shape[1])
+    mask = torch.zeros(len(heads), width, dtype=torch.bool)
+    for k, h in enumerate(heads):
+        out[k, :h.shape[0]] = h
+        mask[k, :h.shape[0]] = True
+    return out, mask
+
+
+def combine(probs: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
+    """(K, C) per-prompt probabilities -> (mean probabilities, predicted class)."""
+    mean = probs.mean(0)
+    if mode == "mean":
+        return mean, int(mean.argmax())
+    votes = torch.bincount(probs.argmax(-1), minlength=probs.shape[1]).double()
+    return mean, int((votes + mean.double() * 1e-3).argmax())  # mean probability < 1 vote breaks ties
+
+
+@torch.no_grad()
+def predict_rows(model, ids: list[list[int]], task_idx: list[int], tasks: list[Task], heads, ensemble,
+                 batch_size: int, pad_id: int, rank: int, world: int, device) -> list[tuple[int, int, list[float]]]:
+    """(row, task, probabilities) for this rank's contiguous shard; every rank runs the same number
+    of forwards (a ZeRO-3 forward is a collective), filler batches are discarded."""
+    prompts, prompt_mask = stack_prompts([t.prompt for t in tasks])
+    head, class_mask = heads
+    n = len(ids)
+    per_rank = -(-n // world)
+    lo, hi = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+    out = []
+    for b in range(-(-per_rank // batch_size)):
+        rows = list(range(lo + b * batch_size, min(hi, lo + (b + 1) * batch_size)))
+        batch = collate([{"input_ids": ids[r], "label": 0} for r in rows or [0]], pad_id).to(device)
+        rows_tasks = torch.tensor([task_idx[r] for r in rows] or [0])
+        per_prompt = range(len(tasks)) if ensemble else [None]
+        probs = []
+        for k in per_prompt:  # one forward per batch; an ensemble needs one per prompt
+            t = rows_tasks.clamp(min=0) if k is None else torch.full_like(rows_tasks, k)
+            hidden = model.hidden(batch.input_ids, batch.attention_mask, prompts[t].to(device),
+                                  prompt_mask[t].to(device)).float().cpu()  # (B, D)
+            scores = torch.einsum("bd,bcd->bc", hidden, head[t]).masked_fill(~class_mask[t], float("-inf"))
+            probs.append(scores.softmax(-1))  # (B, C)
+        for i, r in enumerate(rows):
+            out.append((r, task_idx[r], torch.stack([p[i] for p in probs]).tolist()))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m softprompt.predict", description=__doc__.split("\n\n")[0] + ".",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="the frozen model the prompts were trained on")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="[TASK=]prompt.safetensors (prompt.json beside it); repeat for several tasks")
+    p.add_argument("--input", required=True, help="jsonl, csv or tsv file of rows to classify")
+    p.add_argument("--output", required=True, help="predictions, one JSON line per input row")
+    p.add_argument("--text_field", default="text", help="field holding the text")
+    p.add_argument("--text_pair_field", default=None, help="optional second text field")
+    p.add_argument("--task_field", default=None, help="field naming each row's task (mixed-task input)")
+    p.add_argument("--label_field", default=None, help="optional gold labels: accuracy is printed")
+    p.add_argument("--ensemble", choices=("mean", "vote"), default=None,
+                   help="score every row with every prompt and combine")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="truncate inputs (default: what the prompts were trained with)")
+    p.add_argument("--batch_size", type=int, default=64, help="rows per forward, per rank")
+    p.add_argument("--ds_config", default=None,
+                   help="DeepSpeed JSON (ZeRO-3 shards the frozen model across ranks); none = plain model")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def run(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .model import PromptedMT5
+    from .tiny import resolve_model
+
+    # Validate everything before any process group or output exists.
+    model_path = resolve_model(args.model)
+    model_config = engine.load_model_config(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tasks = load_tasks(args.prompt, model_config.d_model, tokenizer_hash(tokenizer))
+    path = Path(args.input)
+    if not path.is_file():
+        raise ConfigError(f"--input {path}: file not found")
+    fields = {"text": args.text_field}
+    for key, value in (("text_pair", args.text_pair_field), ("task", args.task_field), ("label", args.label_field)):
+        if value:
+            fields[key] = value
+    columns = read_file(path, fields)
+    task_idx = row_tasks(columns.get("task"), tasks, args.ensemble, len(columns["text"]), path)
+    max_length = args.max_length or max(t.max_length or 128 for t in tasks)
+    try:
+        ids = encode(tokenizer, columns["text"], columns.get("text_pair"), max_length)
+    except EmptyTextError as e:
+        raise ConfigError(f"{where_row(path, e.rows[0])}: field {fields[e.parts[0]]!r}: the text has no tokens") from None
+    ds_config = engine.load_ds_config(args.ds_config) if args.ds_config else None
+
+    rank, world = engine.init_distributed()
+    try:
+        hf_ds = None
+        if ds_config and engine.zero_stage(ds_config) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must live while the model loads
+        bf16 = bool(ds_config and ds_config.get("bf16", {}).get("enabled"))
+        mt5 = engine.load_frozen_model(model_path, model_config, 0.0, torch.bfloat16 if bf16 else torch.float32)
+        with gathered([mt5.lm_head.weight]):
+            heads = stack_heads([verbalizer.class_head(mt5.lm_head.weight.detach(), t.pieces) for t in tasks])
+        model = PromptedMT5(mt5, SoftPrompt(tasks[0].prompt), heads[0][0])
+        model.requires_grad_(False)
+        if ds_config:
+            import deepspeed
+
+            # No optimizer: the training JSON's optimizer section would make ZeRO build one.
+            inference = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+            model = deepspeed.initialize(model=model, config=inference)[0].module
+        device = engine.device()
+        model.to(device).eval()
+        mine = predict_rows(model, ids, task_idx, tasks, heads, args.ensemble, args.batch_size,
+                            tokenizer.pad_token_id, rank, world, device)
+        results = sorted(r for part in metrics.gather_objects(mine) for r in part)
+        if rank == 0:
+            write(args, results, tasks, columns.get("label"))
+    finally:
+        engine.close_distributed()
+    return 0
+
+
+def write(args, results, tasks: list[Task], gold: list | None) -> None:
+    lines, correct = [], 0
+    for row, k, probs in results:
+        task = tasks[max(k, 0)]
+        probs = torch.tensor(probs)  # (K, C): one row per prompt used
+        mean, pred = combine(probs[:, :len(task.label_names)], args.ensemble or "mean")
+        record = {"row": row, "task": f"ensemble-{args.ensemble}" if args.ensemble else task.name,
+                  "label": task.label_names[pred],
+                  "probs": {name: round(float(p), 6) for name, p in zip(task.label_names, mean)}}
+        correct += gold is not None and str(gold[row]) == record["label"]
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    checkpoint.atomic_write(args.output, lambda tmp: Path(tmp).write_text("".join(lines)))
+    print(f"wrote {len(lines)} predictions to {args.output}")
+    if gold is not None:
+        print(f"accuracy {correct / len(lines):.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        if engine.is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
