@@ -1,24 +1,19 @@
 """Benchmark one training step: ours (`PromptedMT5`) against HF PEFT prompt tuning, in one process.
 
     python -m launcher.bench                 # mT5-small shape, random weights, batch 8, length 128, prompt 20
-    python -m launcher.bench --dtype bf16 --fused_gelu
+    python -m launcher.bench --dtype bf16 --fused_gelu --compile     # ours' levers; PEFT stays fp32
 
-Both sides train the same frozen weights (shared tensors, not copies) on the same batch with AdamW
-over the prompt only. Ours scores the verbalizer rows; PEFT (`PromptTuningConfig`,
+Both sides train the same frozen weights (the same values; shared tensors when both sides use one
+dtype) on the same batch with AdamW over the prompt only; PEFT runs in fp32 unless `--peft_dtype bf16`. Ours scores the verbalizer rows; PEFT (`PromptTuningConfig`,
 num_transformer_submodules=1) computes the full-vocabulary loss of the label token, as PEFT users do.
 Steps alternate ours/PEFT/a matmul sample, and each side's fastest step is reported (the median
 beside it): load from other processes on a shared machine only slows a step, and hits all three
 alike. The last line is the ratio ours/PEFT of tokens/s.
 
 Tokens per step = batch x seq_len (input tokens; the prompt is overhead). MFU = model FLOPs per step
-/ step time / the dense matmul peak (the fastest 2048^3 matmul sampled between the steps, same dtype). Model FLOPs (2 per
-multiply-add, matmuls only; L = prompt + input tokens, i = heads x d_kv, k = 3 gated / 2 plain FF):
-    encoder, per layer:   B*L*2*(4*d*i + k*d*f)  linear    + B*4*L*L*i  attention (QK^T, AV)
-    decoder, per layer:   B*2*(6*d*i + k*d*f)    one step: self q,k,v,o, cross q,o, FF
-                        + B*L*4*d*i              cross-attention K and V over all encoder tokens
-                        + B*4*L*i                cross-attention scores and AV for one query
-    backward: input gradients only (the model is frozen): 1x the linear FLOPs (no weight
-    gradients), 2x the attention FLOPs (both operands are activations). Step = 2*linear + 3*attention.
+(`softprompt.flops.train_flops`: encoder over prompt + input, the decoder step with its cross-attention
+K/V over all encoder tokens, backward for input gradients only) / step time / the dense matmul peak
+(the fastest 2048^3 matmul sampled between the steps, in the dtype ours computes in).
 Peak memory: on CUDA the allocator's peak per side; on CPU the tensors autograd saves (measured in
 one extra step, next to the planner's prediction) and the process's peak RSS.
 """
@@ -34,22 +29,12 @@ import time
 
 import torch
 
-from softprompt import plan, verbalizer
+from softprompt import flops, plan, verbalizer
 from softprompt.model import PromptedMT5
 from softprompt.prompt import SoftPrompt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VERBALIZER_IDS = [3, 4, 5]
-
-
-def step_flops(s: plan.Shape, batch: int, seq_len: int, prompt_length: int) -> float:
-    """Model FLOPs of one forward + input-gradient backward (formula in the module docstring)."""
-    L, d, i, f = prompt_length + seq_len, s.d_model, s.inner, s.d_ff
-    k = 3 if s.feed_forward_proj.startswith("gated") else 2
-    linear = s.num_layers * batch * L * 2 * (4 * d * i + k * d * f)
-    linear += s.num_decoder_layers * batch * (2 * (6 * d * i + k * d * f) + L * 4 * d * i)
-    attention = s.num_layers * batch * 4 * L * L * i + s.num_decoder_layers * batch * 4 * L * i
-    return 2 * linear + 3 * attention
 
 
 def matmul_flops_per_s(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,19 +51,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_mt5(s: plan.Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def build_mt5(s: plan.Shape, device: torch.device, seed: int = 0):
     from transformers import MT5Config, MT5ForConditionalGeneration
 
     config = MT5Config(vocab_size=s.vocab, d_model=s.d_model, d_ff=s.d_ff, d_kv=s.d_kv, num_layers=s.num_layers,
                        num_decoder_layers=s.num_decoder_layers, num_heads=s.num_heads, dropout_rate=0.0,
                        feed_forward_proj=s.feed_forward_proj, decoder_start_token_id=0)
     torch.manual_seed(seed)
-    return MT5ForConditionalGeneration(config).to(device, dtype).requires_grad_(False)
+    return MT5ForConditionalGeneration(config).to(device).requires_grad_(False)
 
 
 def twin(mt5):
     """A second model object over the same weight tensors (no copy), so levers applied to our
-    modules (fused GELU) leave PEFT's stock model alone."""
+    modules (dtype, fused GELU) leave PEFT's stock model alone."""
     with torch.device("meta"):
         other = type(mt5)(mt5.config)
     other.load_state_dict(mt5.state_dict(), assign=True)
@@ -111,7 +96,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--dtype", choices=DTYPES, default="fp32",
-                    help="frozen weights and activations (bf16 = DeepSpeed's bf16 mode); prompt and loss stay fp32")
+                    help="ours: frozen weights and activations (bf16 = DeepSpeed's bf16 mode); prompt and loss stay fp32")
+    ap.add_argument("--peft_dtype", choices=DTYPES, default="fp32",
+                    help="PEFT's frozen weights (fp32: PEFT as its users run it; bf16 for a like-for-like ratio)")
     ap.add_argument("--autocast", action="store_true",
                     help="ours only: fp32 weights, forward under bf16 autocast, fp32 class scores and loss")
     ap.add_argument("--fused_gelu", action="store_true", help="ours only: torch's fused tanh GELU for HF's gelu_new")
@@ -141,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                    args.num_heads, args.d_kv)
     B, T, P = args.batch, args.seq_len, args.prompt_length
 
-    mt5 = build_mt5(s, dtype, device)
-    peft_base = twin(mt5)
+    mt5 = build_mt5(s, device)
+    peft_base = twin(mt5).to(DTYPES[args.peft_dtype])
+    mt5.to(dtype)  # after the twin: a dtype change gives ours new tensors and leaves PEFT's
     if args.fused_gelu:
         fuse_gelu(mt5)
     g = torch.Generator().manual_seed(1)
@@ -177,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     times = {k: [] for k in sides}
     peak = {k: 0 for k in sides}
-    mats = [torch.randn(2048, 2048, device=device).to(dtype) for _ in range(2)]
-    matmul = [0.0]
+    compute = "bf16" if args.autocast else args.dtype  # ours' matmul dtype: the peak to compare with
+    mats = [torch.randn(2048, 2048, device=device).to(DTYPES[compute]) for _ in range(2)]
+    matmul = []
     for i in range(args.warmup + args.steps):
         # Alternate the sides and sample the matmul peak in between, so that load from other
         # processes on a shared machine hits all three alike.
@@ -197,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
 
-    flops = step_flops(s, B, T, P)
-    fpeak = max(matmul[1:] or matmul)  # the first one warms up
+    step_flops = flops.train_flops(mt5.config, B, T + P)
+    fpeak = max(matmul)  # the best sample: load and the first call's warm-up only slow it
     print(f"config: d_model {s.d_model}, d_ff {s.d_ff}, {s.num_layers}+{s.num_layers} layers, {s.num_heads} heads, "
-          f"vocab {s.vocab}, batch {B}, seq_len {T}, prompt {P}, {args.dtype}, AdamW, {device.type}, "
+          f"vocab {s.vocab}, batch {B}, seq_len {T}, prompt {P}, {args.dtype} (PEFT {args.peft_dtype}), AdamW, "
+          f"{device.type}, "
           f"threads {torch.get_num_threads()}, autocast {args.autocast}, fused_gelu {args.fused_gelu}, "
           f"compile {args.compile}")
-    print(f"matmul peak {args.dtype}: {fpeak / 1e9:.1f} GFLOP/s")
-    print(f"model FLOPs per step: {flops / 1e9:.2f} GFLOP")
+    print(f"matmul peak {compute}: {fpeak / 1e9:.1f} GFLOP/s")
+    print(f"model FLOPs per step: {step_flops / 1e9:.2f} GFLOP")
     mib = 2**20
     predicted = plan.activation_bytes(s, B, T + P, 2 if args.dtype == "bf16" else 4, checkpointing=False)
     tok_s = {}
@@ -220,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "ours" and not (args.fused_gelu or args.autocast):
                 memory += f" (planner, for padded batches: {predicted / mib:.1f} MiB)"
         print(f"{name}: step {dt:.3f} s (median {statistics.median(times[name]):.3f} s), {tok_s[name]:.1f} tokens/s, "
-              f"MFU {flops / dt / fpeak:.1%}, {memory}")
+              f"MFU {step_flops / dt / fpeak:.1%}, {memory}")
     if device.type == "cpu":
         print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(f"ours/PEFT tokens/s: {tok_s['ours'] / tok_s['peft']:.2f}")

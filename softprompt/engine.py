@@ -194,7 +194,10 @@ def load_frozen_model(name_or_path: str, config, dropout: float, dtype: torch.dt
     if untied:
         keys = {k: v for k, v in cls._tied_weights_keys.items() if k != "lm_head.weight"}
         cls = type(cls.__name__, (cls,), {"_tied_weights_keys": keys})
-    model = cls.from_pretrained(name_or_path, dropout_rate=dropout, dtype=dtype)
+    # HF's gelu_new is the tanh GELU in 8 unfused elementwise ops; torch's kernel is one pass that
+    # saves one tensor for backward (same function: max difference 5e-7 in fp32).
+    fused = {"dense_act_fn": "gelu_pytorch_tanh"} if getattr(config, "dense_act_fn", None) == "gelu_new" else {}
+    model = cls.from_pretrained(name_or_path, dropout_rate=dropout, dtype=dtype, **fused)
     if untied:
         assert model.lm_head.weight is not model.shared.weight, "lm_head got tied to shared"
     model.requires_grad_(False)

@@ -23,8 +23,9 @@ gradient needs only the weight), so per token and layer what remains is:
     rmsnorm  ln = d*b (+ d*4 for the fp32 copy when b != 4) + 4 (fp32 rsqrt)
     encoder layer = N*(2*ln + 4*i*b + 4*h + F*f*b) + B*h*L*L*b
         SDPA saves q, k, v, out (4*i*b), the fp32 logsumexp (4*h), and its float mask: relative
-        position bias + padding mask, (B, h, L, L) per layer. F = 6 for gated-gelu (mT5, T5 v1.1:
-        HF's `gelu_new` is unfused and saves 5 tensors, plus wi_1's output), 1 for relu (T5).
+        position bias + padding mask, (B, h, L, L) per layer. F = 3 for gated-gelu (mT5, T5 v1.1:
+        the GELU's input and output, plus wi_1's output; engine.load_frozen_model swaps HF's
+        unfused `gelu_new`, which would save 6, for torch's fused tanh GELU), 1 for relu (T5).
     decoder, per layer: cross-attention K and V over all encoder tokens N*2*i*b, plus one
         decoder step B*(3*ln + 6*i*b + 8*h + F*f*b + h*L*b).
     no checkpointing:   n_enc*encoder_layer + N*ln (final norm) + n_dec*decoder_layer
@@ -37,6 +38,7 @@ mem-efficient SDPA also keeps the bias; flash kernels cannot take T5's bias and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -45,7 +47,7 @@ from pathlib import Path
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-FF_SAVED = {"gated-gelu": 6, "relu": 1}  # (B, L, d_ff) tensors saved per feed-forward, measured
+FF_SAVED = {"gated-gelu": 3, "relu": 1}  # (B, L, d_ff) tensors saved per feed-forward, measured
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
@@ -189,7 +191,9 @@ def zero3_knobs(ds_config: dict) -> dict[str, int]:
 
 def deepspeed_all_trained(params: int, largest: int, gpus: int, offload: bool) -> float:
     """DeepSpeed's own per-GPU model-state estimate, which assumes every parameter is trained."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    # DeepSpeed logs its accelerator detection on import to stdout; keep the plan alone on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     _, gpu_mem, _ = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=gpus,
                                                           cpu_offload=offload, cpu_offload_params=offload)
