@@ -159,14 +159,18 @@ def wait_job(job_id: str, env, timeout: float) -> list[dict]:
     return wait_for(f"job {job_id}", done, timeout, interval=0.5)
 
 
-def log_of(record: dict) -> str:
+def log_of(record: dict, env: dict) -> str:
+    """The job's output, and the daemons' logs (why a job failed to launch is only there)."""
     path = Path(record["StdOut"])
-    return path.read_text()[-3000:] if path.exists() else "(no log)"
+    text = path.read_text()[-3000:] if path.exists() else "(no log)"
+    conf = Path(env["SLURM_CONF"])
+    daemons = [conf.parent / name for name in ("slurmctld.log", "slurmd.log")]
+    return text + "".join(f"\n--- {p.name}\n" + p.read_text()[-2000:] for p in daemons if p.exists())
 
 
-def assert_completed(records: list[dict]) -> None:
+def assert_completed(records: list[dict], env: dict) -> None:
     for r in records:
-        assert (r["JobState"], r["ExitCode"]) == ("COMPLETED", "0:0"), log_of(r)
+        assert (r["JobState"], r["ExitCode"]) == ("COMPLETED", "0:0"), log_of(r, env)
 
 
 def ds_config(tmp: Path) -> str:
@@ -234,12 +238,16 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, started):
     wait_for("training to start", lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 2, 180, 0.05)
     # What Slurm sends 300 s before the time limit (--signal=B:USR1@300): to the batch shell only.
     slurm("scancel", "--signal=USR1", "--batch", job, env=cluster)
-    wait_for("the requeue", lambda: jobs(job, cluster)[0]["Restarts"] == "1"
-             or jobs(job, cluster)[0]["JobState"] in FINAL_STATES, 120)
+    # Requeued = back to PENDING with a restart counted; before that the old instance may still be
+    # completing on the node, and moving the start time then can launch the new one into it.
+    def requeued():
+        r = jobs(job, cluster)[0]
+        return (r["Restarts"] == "1" and r["JobState"] == "PENDING") or r["JobState"] in FINAL_STATES
+    wait_for("the requeue", requeued, 120)
     # Slurm holds a requeued job for 2 minutes (EligibleTime); release it now.
     slurm("scontrol", "update", f"JobId={job}", "StartTime=now", env=cluster)
     [record] = wait_job(job, cluster, timeout=180)
-    assert_completed([record])
+    assert_completed([record], cluster)
     log = Path(record["StdOut"]).read_text()  # both runs: --open-mode=append
     assert record["Restarts"] == "1", f"the run was not requeued (did it finish before USR1 landed?)\n{log}"
     assert "requeueing job" in log and "restart 0)" in log and "restart 1)" in log, log
@@ -253,7 +261,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, started):
 def test_train_sbatch_two_ranks_matches_direct_run(cluster, started):
     job, out = started["plain"]
     [record] = wait_job(job, cluster, timeout=180)
-    assert_completed([record])
+    assert_completed([record], cluster)
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
     assert len(losses(out)) == 40
@@ -268,7 +276,7 @@ def test_sweep_array_then_aggregate(cluster, started):
     sweep = json.loads((out / "sweep.json").read_text())
     records = wait_job(sweep["job_id"], cluster, timeout=180)
     assert sorted(int(r["ArrayTaskId"]) for r in records) == list(range(6))
-    assert_completed(records)
+    assert_completed(records, cluster)
 
     proc = subprocess.run([sys.executable, "-m", "launcher.aggregate", str(out)], cwd=ROOT, env=cluster,
                           capture_output=True, text=True)
