@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = plan.saved_tensor_bytes(module, loss_fn)
             opt.zero_grad(set_to_none=True)
             memory = f"activations {saved / mib:.1f} MiB"
-            if name == "ours" and not (args.fused_gelu or args.autocast):
+            if name == "ours" and args.fused_gelu and not args.autocast:  # the trainer's model: fused GELU
                 memory += f" (planner, for padded batches: {predicted / mib:.1f} MiB)"
         print(f"{name}: step {dt:.3f} s (median {statistics.median(times[name]):.3f} s), {tok_s[name]:.1f} tokens/s, "
               f"MFU {step_flops / dt / fpeak:.1%}, {memory}")
