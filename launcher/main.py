@@ -70,10 +70,7 @@ def validate(cfg: RunConfig) -> Validated:
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str):
     """--init_prompt's values, checked against this run's prompt shape, labels and tokenizer."""
     path = cfg.train.init_prompt
-    try:
-        values, meta = checkpoint.load_prompt(path)
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ConfigError(f"--init_prompt {path}: not a readable prompt file ({str(e).splitlines()[0]})") from None
+    values, meta = checkpoint.load_prompt(path, flag="--init_prompt")
     expected = (cfg.model.prompt_length, model_config.d_model)
     if tuple(values.shape) != expected:
         raise ConfigError(f"--init_prompt {path}: shape {tuple(values.shape)}, this run needs "

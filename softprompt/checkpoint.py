@@ -65,9 +65,13 @@ def save_prompt(output_dir: str | Path, prompt: torch.Tensor, meta: dict) -> Non
     write_json(output_dir / "prompt.json", meta)
 
 
-def load_prompt(path: str | Path) -> tuple[torch.Tensor, dict]:
+def load_prompt(path: str | Path, flag: str = "prompt") -> tuple[torch.Tensor, dict]:
+    """(prompt, prompt.json metadata or {}); an unreadable file is a ConfigError naming `flag`."""
     path = Path(path)
-    prompt = load_file(path)["prompt"]
+    try:
+        prompt = load_file(path)["prompt"]
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise ConfigError(f"{flag} {path}: not a readable prompt file ({str(e).splitlines()[0]})") from None
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return prompt, meta

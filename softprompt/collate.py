@@ -36,3 +36,14 @@ def collate(rows: list[dict], pad_id: int) -> Batch:
         attention_mask[i, :n] = 1
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
     return Batch(input_ids, attention_mask, labels)
+
+
+def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of row indices over a contiguous shard of range(n), every row on exactly
+    one rank. Every rank gets the same number of batches (under ZeRO-3 a forward is a collective);
+    a rank whose shard has run out gets empty batches: the caller scores a filler row and drops it,
+    instead of DistributedSampler's duplicated examples."""
+    per_rank = -(-n // world)
+    lo, hi = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+    return [list(range(lo + b * batch_size, min(hi, lo + (b + 1) * batch_size)))
+            for b in range(-(-per_rank // batch_size))]

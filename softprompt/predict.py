@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, engine, metrics, verbalizer
-from .collate import collate
+from .collate import collate, shard_batches
 from .config import ConfigError
 from .data import read_file, where_row
 from .prompt import SoftPrompt, gathered
@@ -52,10 +52,7 @@ def load_tasks(prompt_args: list[str], d_model: int, tok_hash: str) -> list[Task
     tasks = []
     for arg in prompt_args:
         name, path = parse_prompt_arg(arg)
-        try:
-            values, meta = checkpoint.load_prompt(path)
-        except Exception as e:  # safetensors raises its own types for truncated files
-            raise ConfigError(f"--prompt {path}: not a readable prompt file ({str(e).splitlines()[0]})") from None
+        values, meta = checkpoint.load_prompt(path, flag="--prompt")
         if not meta:
             raise ConfigError(f"--prompt {path}: {path.with_suffix('.json')} (labels, verbalizer) is missing")
         if values.shape[1] != d_model:
@@ -124,16 +121,11 @@ def combine(probs: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
 @torch.no_grad()
 def predict_rows(model, ids: list[list[int]], task_idx: list[int], tasks: list[Task], heads, ensemble,
                  batch_size: int, pad_id: int, rank: int, world: int, device) -> list[tuple[int, int, list[float]]]:
-    """(row, task, probabilities) for this rank's contiguous shard; every rank runs the same number
-    of forwards (a ZeRO-3 forward is a collective), filler batches are discarded."""
+    """(row, task, probabilities) for this rank's contiguous shard (`shard_batches`)."""
     prompts, prompt_mask = stack_prompts([t.prompt for t in tasks])
     head, class_mask = heads
-    n = len(ids)
-    per_rank = -(-n // world)
-    lo, hi = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
     out = []
-    for b in range(-(-per_rank // batch_size)):
-        rows = list(range(lo + b * batch_size, min(hi, lo + (b + 1) * batch_size)))
+    for rows in shard_batches(len(ids), batch_size, rank, world):
         batch = collate([{"input_ids": ids[r], "label": 0} for r in rows or [0]], pad_id).to(device)
         rows_tasks = torch.tensor([task_idx[r] for r in rows] or [0])
         per_prompt = range(len(tasks)) if ensemble else [None]

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import flops, metrics, verbalizer
-from .collate import collate
+from .collate import collate, shard_batches
 from .engine import BatchSizes
 from .prompt import read_prompt, write_prompt
 from .tracking import COLLAPSE_SHARE, Table, Tracker, collapsed, memory_mb
@@ -62,17 +62,11 @@ def evaluate(engine, split, label_names: list[str], batch_size: int, pad_id: int
              device) -> dict:
     """Metrics over `split`, every example counted exactly once across ranks.
 
-    Each rank scores a contiguous shard. Under ZeRO-3 every forward is a collective (parameters are
-    all-gathered), so all ranks run the same number of batches; a rank whose shard ran out scores a
-    filler row and discards it, instead of DistributedSampler's duplicated examples.
+    Each rank scores a contiguous shard (`shard_batches`: filler rows, not duplicated examples).
     """
     engine.eval()
-    n = len(split)
-    per_rank = math.ceil(n / world)
-    lo, hi = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
     cm = torch.zeros(len(label_names), len(label_names), dtype=torch.long)
-    for b in range(math.ceil(per_rank / batch_size)):
-        idx = list(range(lo + b * batch_size, min(hi, lo + (b + 1) * batch_size)))
+    for idx in shard_batches(len(split), batch_size, rank, world):
         batch = collate(rows(split, idx or [0]), pad_id).to(device)
         scores = engine(batch.input_ids, batch.attention_mask)
         if idx:

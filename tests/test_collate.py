@@ -35,3 +35,15 @@ def test_to_moves_all_tensors():
 def test_empty_batch_is_an_error():
     with pytest.raises(ValueError):
         collate([], pad_id=0)
+
+
+def test_shard_batches_cover_every_row_once_with_equal_batch_counts():
+    from softprompt.collate import shard_batches
+
+    for n, bs, world in [(999, 64, 2), (7, 2, 3), (2, 4, 3), (10, 3, 1)]:
+        shards = [shard_batches(n, bs, r, world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1  # same number of forwards on every rank
+        rows = [i for s in shards for batch in s for i in batch]
+        assert rows == list(range(n))  # contiguous, each row exactly once
+        assert all(len(b) <= bs for s in shards for b in s)
+    assert shard_batches(2, 4, 2, 3) == [[]]  # the last rank only scores a filler row
