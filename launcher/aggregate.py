@@ -95,7 +95,8 @@ def to_markdown(rows: list[dict], missing: list[tuple[int, dict]]) -> str:
 
 
 def describe(task: dict) -> str:
-    return f"{task['model']} {task['init']} length {task['prompt_length']} seed {task['seed']}"
+    method = f"{task['method']} " if "method" in task else ""
+    return f"{method}{task['model']} {task['init']} length {task['prompt_length']} seed {task['seed']}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

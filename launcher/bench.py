@@ -1,10 +1,13 @@
 """Benchmark one training step: ours (`PromptedMT5`) against HF PEFT prompt tuning, in one process.
 
     python -m launcher.bench                 # mT5-small shape, random weights, batch 8, length 128, prompt 20
-    python -m launcher.bench --dtype bf16 --fused_gelu --compile     # ours' levers; PEFT stays fp32
+    python -m launcher.bench --dtype fp32 --hf_kernels   # ours without its levers; PEFT stays fp32
 
-Both sides train the same frozen weights (the same values; shared tensors when both sides use one
-dtype) on the same batch with AdamW over the prompt only; PEFT runs in fp32 unless `--peft_dtype bf16`. Ours scores the verbalizer rows; PEFT (`PromptTuningConfig`,
+Ours runs as the trainer does on CPU: frozen weights in bf16 (DeepSpeed's bf16 mode) with
+`softprompt.kernels.fuse` applied (the trainer applies it at load time); PEFT runs HF's stock model
+in fp32, as its users do (`--peft_dtype bf16` for a like-for-like ratio). Both sides train the same
+frozen weights (the same values; shared tensors when both sides use one dtype) on the same batch with
+AdamW over the prompt only. Ours scores the verbalizer rows; PEFT (`PromptTuningConfig`,
 num_transformer_submodules=1) computes the full-vocabulary loss of the label token, as PEFT users do.
 Steps alternate ours/PEFT/a matmul sample, and each side's fastest step is reported (the median
 beside it): load from other processes on a shared machine only slows a step, and hits all three
@@ -29,7 +32,7 @@ import time
 
 import torch
 
-from softprompt import flops, plan, verbalizer
+from softprompt import flops, kernels, plan, verbalizer
 from softprompt.model import PromptedMT5
 from softprompt.prompt import SoftPrompt
 
@@ -63,21 +66,11 @@ def build_mt5(s: plan.Shape, device: torch.device, seed: int = 0):
 
 def twin(mt5):
     """A second model object over the same weight tensors (no copy), so levers applied to our
-    modules (dtype, fused GELU) leave PEFT's stock model alone."""
+    modules (dtype, `kernels.fuse`) leave PEFT's stock model alone."""
     with torch.device("meta"):
         other = type(mt5)(mt5.config)
     other.load_state_dict(mt5.state_dict(), assign=True)
     return other.requires_grad_(False)
-
-
-def fuse_gelu(mt5) -> None:
-    """HF's `gelu_new` is the same tanh GELU written as 8 elementwise ops (each saving a tensor);
-    torch's fused kernel computes it in one pass and saves only its input."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    for m in mt5.modules():
-        if isinstance(getattr(m, "act", None), NewGELUActivation):
-            m.act = GELUTanh()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -95,13 +88,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt_length", type=int, default=20)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
-    ap.add_argument("--dtype", choices=DTYPES, default="fp32",
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16",
                     help="ours: frozen weights and activations (bf16 = DeepSpeed's bf16 mode); prompt and loss stay fp32")
     ap.add_argument("--peft_dtype", choices=DTYPES, default="fp32",
                     help="PEFT's frozen weights (fp32: PEFT as its users run it; bf16 for a like-for-like ratio)")
     ap.add_argument("--autocast", action="store_true",
                     help="ours only: fp32 weights, forward under bf16 autocast, fp32 class scores and loss")
-    ap.add_argument("--fused_gelu", action="store_true", help="ours only: torch's fused tanh GELU for HF's gelu_new")
+    ap.add_argument("--hf_kernels", action="store_true",
+                    help="ours keeps HF's modules (no softprompt.kernels: HF's GELU, RMSNorm and SDPA attention)")
     ap.add_argument("--compile", action="store_true", help="ours only: torch.compile the prompted model")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--lr", type=float, default=0.3)
@@ -131,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     mt5 = build_mt5(s, device)
     peft_base = twin(mt5).to(DTYPES[args.peft_dtype])
     mt5.to(dtype)  # after the twin: a dtype change gives ours new tensors and leaves PEFT's
-    if args.fused_gelu:
-        fuse_gelu(mt5)
+    if not args.hf_kernels:
+        kernels.fuse(mt5)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(len(VERBALIZER_IDS) + 3, s.vocab, (B, T), generator=g).to(device)
     mask = torch.ones(B, T, dtype=torch.long, device=device)
@@ -191,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: d_model {s.d_model}, d_ff {s.d_ff}, {s.num_layers}+{s.num_layers} layers, {s.num_heads} heads, "
           f"vocab {s.vocab}, batch {B}, seq_len {T}, prompt {P}, {args.dtype} (PEFT {args.peft_dtype}), AdamW, "
           f"{device.type}, "
-          f"threads {torch.get_num_threads()}, autocast {args.autocast}, fused_gelu {args.fused_gelu}, "
+          f"threads {torch.get_num_threads()}, autocast {args.autocast}, kernels {not args.hf_kernels}, "
           f"compile {args.compile}")
     print(f"matmul peak {compute}: {fpeak / 1e9:.1f} GFLOP/s")
     print(f"model FLOPs per step: {step_flops / 1e9:.2f} GFLOP")
     mib = 2**20
-    predicted = plan.activation_bytes(s, B, T + P, 2 if args.dtype == "bf16" else 4, checkpointing=False)
+    predicted = plan.activation_bytes(s, B, T + P, 2 if args.dtype == "bf16" else 4, checkpointing=False,
+                                      gpu=device.type == "cuda")
     tok_s = {}
     for name, (loss_fn, opt, module) in sides.items():
         dt = min(times[name])
@@ -207,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = plan.saved_tensor_bytes(module, loss_fn)
             opt.zero_grad(set_to_none=True)
             memory = f"activations {saved / mib:.1f} MiB"
-            if name == "ours" and args.fused_gelu and not args.autocast:  # the trainer's model: fused GELU
+            if name == "ours" and not args.hf_kernels and not args.autocast:  # the trainer's model
                 memory += f" (planner, for padded batches: {predicted / mib:.1f} MiB)"
         print(f"{name}: step {dt:.3f} s (median {statistics.median(times[name]):.3f} s), {tok_s[name]:.1f} tokens/s, "
               f"MFU {step_flops / dt / fpeak:.1%}, {memory}")

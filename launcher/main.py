@@ -67,14 +67,22 @@ def validate(cfg: RunConfig) -> Validated:
                      resume_from, init)
 
 
+def prompt_layers(cfg: RunConfig, model_config) -> int:
+    """Slices of the (L, P, D) prompt: 1 (input), the encoder's layers, or encoder + decoder layers."""
+    depth = cfg.model.prompt_depth
+    return {"input": 1, "encoder": model_config.num_layers,
+            "all": model_config.num_layers + model_config.num_decoder_layers}[depth]
+
+
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str):
-    """--init_prompt's values, checked against this run's prompt shape, labels and tokenizer."""
+    """--init_prompt's values as (L, P, D), checked against this run's prompt shape, labels and tokenizer."""
     path = cfg.train.init_prompt
     values, meta = checkpoint.load_prompt(path, flag="--init_prompt")
-    expected = (cfg.model.prompt_length, model_config.d_model)
+    values = values if values.dim() == 3 else values.unsqueeze(0)
+    expected = (prompt_layers(cfg, model_config), cfg.model.prompt_length, model_config.d_model)
     if tuple(values.shape) != expected:
-        raise ConfigError(f"--init_prompt {path}: shape {tuple(values.shape)}, this run needs "
-                          f"(--prompt_length, d_model) = {expected}")
+        raise ConfigError(f"--init_prompt {path}: shape (layers, tokens, d_model) = {tuple(values.shape)}, this "
+                          f"run needs {expected} (--prompt_depth {cfg.model.prompt_depth}, --prompt_length)")
     for key, ours in (("label_names", label_names), ("tokenizer_hash", tok_hash)):
         if key in meta and meta[key] != ours:
             raise ConfigError(f"--init_prompt {path}: {key} {meta[key]} does not match this run's {ours}")
@@ -89,12 +97,23 @@ def summary(cfg: RunConfig, v: Validated) -> str:
         f"data: {cfg.data.dataset} {sizes} labels {s.label_names}",
         f"verbalizer token ids per class: {v.pieces}",
         f"model: {v.model_path} ({mc.model_type}, d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} "
-        f"layers, vocab {mc.vocab_size}); prompt {cfg.model.prompt_length} x {mc.d_model} ({cfg.model.prompt_init})",
+        f"layers, vocab {mc.vocab_size}); tune {cfg.model.tune}; {describe_prompt(cfg, mc)}",
         f"batch: global {v.sizes.global_batch} = micro {v.sizes.micro_batch} x accum {v.sizes.grad_accum} x "
         f"world {v.sizes.world_size}; ZeRO stage {engine.zero_stage(v.ds_config)}",
         f"schedule: {v.schedule.total_steps} steps ({v.schedule.steps_per_epoch}/epoch), "
         f"dev eval at {len(v.schedule.eval_steps)} steps",
     ])
+
+
+def describe_prompt(cfg: RunConfig, model_config) -> str:
+    m = cfg.model
+    if m.prompt_length == 0:
+        return "no prompt"
+    layers = prompt_layers(cfg, model_config)
+    return (f"prompt {m.prompt_length} x {model_config.d_model} ({m.prompt_init} init"
+            + (f", deep: {layers} layers ({m.prompt_depth})" if layers > 1 else "")
+            + (f", residual MLP {m.reparam_dim}" if m.reparam == "residual" else "")
+            + (f", max row norm {m.prompt_max_norm}" if m.prompt_max_norm else "") + ")")
 
 
 def build(cfg: RunConfig, v: Validated):
@@ -114,16 +133,26 @@ def build(cfg: RunConfig, v: Validated):
     special = set(v.tokenizer.all_special_ids)
     frequent = (prompt_lib.most_frequent_ids(v.splits.train["input_ids"], special)
                 if cfg.model.prompt_init == "vocab" else ())
-    init = v.init_prompt
-    if init is None:
-        init = prompt_lib.init_prompt(cfg.model.prompt_init, cfg.model.prompt_length, mt5.shared,
-                                      cfg.train.seed, frequent, v.pieces)
-    model = PromptedMT5(mt5, prompt_lib.SoftPrompt(init), head)
-    threshold = v.ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100_000)
-    if hf_ds is not None and init.numel() >= threshold and engine.is_main_process():
-        print(f"warning: the prompt ({init.numel()} elements) is above stage3_param_persistence_threshold "
-              f"({threshold}): it will be re-gathered every step; raise the threshold", file=sys.stderr)
-    eng, _ = engine.initialize(model, v.ds_config)
+    m = cfg.model
+    prompt = None
+    if m.prompt_length:
+        init = v.init_prompt
+        if init is None:
+            init = prompt_lib.init_prompt(m.prompt_init, m.prompt_length, mt5.shared, cfg.train.seed, frequent,
+                                          v.pieces)
+        prompt = prompt_lib.SoftPrompt(init, prompt_layers(cfg, v.model_config), m.reparam, m.reparam_dim,
+                                       m.prompt_max_norm)
+        threshold = v.ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100_000)
+        if hf_ds is not None and prompt.weight.numel() >= threshold and engine.is_main_process():
+            print(f"warning: the prompt ({prompt.weight.numel()} elements) is above "
+                  f"stage3_param_persistence_threshold ({threshold}): it will be re-gathered every step; "
+                  "raise the threshold", file=sys.stderr)
+    if m.tune == "full":  # lm_head trains too: score with its live rows
+        mt5.requires_grad_(True)
+        model = PromptedMT5(mt5, prompt, pieces=v.pieces)
+    else:
+        model = PromptedMT5(mt5, prompt, head)
+    eng, _ = engine.initialize(model, v.ds_config, m.tune)
     del hf_ds
     return eng
 
@@ -133,6 +162,7 @@ def prompt_meta(cfg: RunConfig, v: Validated) -> dict:
     return {
         "model": v.model_path,
         "init": cfg.model.prompt_init,
+        "depth": cfg.model.prompt_depth,
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
         "tokenizer_hash": tokenizer_hash(v.tokenizer),
@@ -140,40 +170,62 @@ def prompt_meta(cfg: RunConfig, v: Validated) -> dict:
     }
 
 
-def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: int) -> None:
+def recipe(ds_config: dict) -> dict:
+    """What optimized the run, from the DeepSpeed JSON that owns it: optimizer, lr, schedule."""
+    opt = ds_config.get("optimizer", {})
+    sched = ds_config.get("scheduler")
+    return {"optimizer": opt.get("type"), "lr": opt.get("params", {}).get("lr"),
+            "scheduler": sched.get("type") if sched else "constant",
+            "scheduler_params": sched.get("params", {}) if sched else {},
+            "gradient_clipping": ds_config.get("gradient_clipping", 0.0)}
+
+
+def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: int, counts: dict) -> None:
     out = Path(cfg.train.output_dir)
-    checkpoint.save_prompt(out, result["prompt"], {**prompt_meta(cfg, v), "best_step": result["best_step"]})
-    final = result["final_prompt"].numpy().tobytes()
+    final = None
+    if result["prompt"] is not None:  # --tune full keeps no prompt file: it is a baseline
+        checkpoint.save_prompt(out, result["prompt"], {**prompt_meta(cfg, v), "best_step": result["best_step"]})
+        final = hashlib.sha256(result["final_prompt"].numpy().tobytes()).hexdigest()
     checkpoint.write_json(out / "results.json", {
         "config": asdict(cfg),
         "ds_config": v.ds_config,
+        "recipe": recipe(v.ds_config),
         "batch": asdict(v.sizes),
         "world_size": world,
+        **counts,
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
         "steps": v.schedule.total_steps,
         "best_step": result["best_step"],
         "dev": result["dev"],
         "test": result["test"],
-        "final_prompt_sha256": hashlib.sha256(final).hexdigest(),
+        "guards": result["guards"],
+        "final_prompt_sha256": final,
         "wall_time_s": wall_s,
     })
 
 
-def run_config(cfg: RunConfig, v: Validated, eng, world: int) -> dict:
+def param_counts(eng) -> dict:
+    """Total and trainable parameter elements."""
+    # (elements, trainable) per parameter; under ZeRO-3 a parameter is a size-0 placeholder + ds_numel
+    params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in eng.module.parameters()]
+    return {"params_total": sum(n for n, _ in params),
+            "params_trainable": sum(n for n, trainable in params if trainable)}
+
+
+def run_config(cfg: RunConfig, v: Validated, world: int, counts: dict) -> dict:
     """The W&B run's config: every resolved setting, the DeepSpeed JSON, batch sizes, model size,
     world size and the code's git commit."""
     from softprompt.tracking import git_commit
 
-    # (elements, trainable) per parameter; under ZeRO-3 a parameter is a size-0 placeholder + ds_numel
-    params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in eng.module.parameters()]
     return {
         **asdict(cfg),
         "ds_config": v.ds_config,
+        "recipe": recipe(v.ds_config),
         "batch": asdict(v.sizes),
         "world_size": world,
-        "params_total": sum(n for n, _ in params),
-        "params_trainable": sum(n for n, trainable in params if trainable),
+        "params_total": counts["params_total"],
+        "params_trainable": counts["params_trainable"],
         "git_commit": git_commit(),
     }
 
@@ -187,7 +239,10 @@ def run(cfg: RunConfig) -> int:
             print("dry run: inputs are valid; nothing was written")
         return 0
 
+    import torch
+
     from softprompt import trainer
+    from softprompt.metrics import all_reduce_sum
     from softprompt.tracking import Tracker, WandbSettings
 
     tracker = None
@@ -195,28 +250,33 @@ def run(cfg: RunConfig) -> int:
     rank, world = engine.init_distributed()
     try:
         eng = build(cfg, v)
+        counts = param_counts(eng)
         state = checkpoint.load_checkpoint(eng, v.checkpoint, world, rank) if v.checkpoint else None
         start = state["step"] if state else 0
         if rank == 0 and state:
             checkpoint.forget_after(cfg.train.output_dir, start)
         tracker = Tracker(cfg.train.output_dir, rank == 0, v.schedule.total_steps, cfg.train.quiet, start,
                           wandb=WandbSettings.from_config(cfg.train),
-                          run_config=run_config(cfg, v, eng, world) if rank == 0 else None,
+                          run_config=run_config(cfg, v, world, counts) if rank == 0 else None,
                           resume_run_id=state.get("wandb_run_id") if state else None)
         tracker.print(summary(cfg, v) + (f"\nresumed from {v.checkpoint}" if state else ""))
 
         def save(step: int, trainer_state: dict) -> None:
-            prompt = prompt_lib.read_prompt(eng.module.prompt.weight)  # collective
-            checkpoint.save_checkpoint(eng, cfg.train.output_dir, step, trainer_state, prompt,
-                                       prompt_meta(cfg, v), cfg.train.keep_checkpoints, rank)
+            prompt = eng.module.prompt
+            values = prompt.export(prompt_lib.read_state(prompt)) if prompt is not None else None  # collective
+            checkpoint.save_checkpoint(eng, cfg.train.output_dir, step, trainer_state,
+                                       values, prompt_meta(cfg, v), cfg.train.keep_checkpoints, rank)
 
         result = trainer.train(eng, v.splits, v.sizes, v.schedule, cfg, tracker, v.tokenizer.pad_token_id,
                                rank, engine.device(), state, save, preemption)
         if result["preempted"]:
             return checkpoint.EXIT_REQUEUE
+        # Summed over ranks (collective): what the optimizer holds once its state exists.
+        counts["optimizer_state_numel"] = int(all_reduce_sum(torch.tensor(engine.optimizer_state_numel(eng))))
         if rank == 0:
-            outputs(cfg, v, result, time.perf_counter() - t0, world)
-            tracker.print(f"wrote {cfg.train.output_dir}/results.json and prompt.safetensors")
+            outputs(cfg, v, result, time.perf_counter() - t0, world, counts)
+            tracker.print(f"wrote {cfg.train.output_dir}/results.json"
+                          + (" and prompt.safetensors" if result["prompt"] is not None else ""))
     finally:
         if tracker is not None:
             tracker.close()

@@ -108,6 +108,8 @@ def sbatch_command(sweep_json: Path, n_tasks: int, max_concurrent: int) -> list[
 
 
 def run_local(tasks: list[dict], dry_run: bool) -> int:
+    from .aggregate import describe
+
     failed = []
     for i, task in enumerate(tasks):
         cmd = [sys.executable, "train.py", *task["args"], "--output_dir", task["output_dir"]]
@@ -117,8 +119,7 @@ def run_local(tasks: list[dict], dry_run: bool) -> int:
         if (Path(task["output_dir"]) / "results.json").exists():
             print(f"task {i}: done already ({task['output_dir']})")
             continue
-        print(f"task {i}/{len(tasks)}: {task['model']} {task['init']} length {task['prompt_length']} "
-              f"seed {task['seed']}", flush=True)
+        print(f"task {i}/{len(tasks)}: {describe(task)}", flush=True)
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             failed.append(i)
     if failed:

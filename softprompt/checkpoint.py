@@ -1,8 +1,9 @@
 """Files a run leaves behind, written atomically (temp name + rename) by rank 0 only, and
 resumable checkpoints.
 
-`prompt.safetensors` holds the fp32 prompt under the key "prompt" (n_tokens, d_model);
-`prompt.json` the metadata needed to use it again (model, d_model, labels, verbalizer, tokenizer).
+`prompt.safetensors` holds the fp32 prompt under the key "prompt": (n_tokens, d_model) for an input
+prompt, (layers, n_tokens, d_model) for deep prompts (any reparameterization already folded in);
+`prompt.json` the metadata needed to use it again (depth, model, d_model, labels, verbalizer, tokenizer).
 
 Checkpoints live in OUTPUT_DIR/checkpoints/step_NNNNNNNN/: DeepSpeed's engine checkpoint without
 the frozen model (`exclude_frozen_parameters=True`: an XXL checkpoint stays megabytes), the
@@ -57,9 +58,12 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def save_prompt(output_dir: str | Path, prompt: torch.Tensor, meta: dict) -> None:
+    """`prompt` is (P, D) or an exported (L, P, D); one layer is stored as (P, D)."""
     output_dir = Path(output_dir)
-    prompt = prompt.detach().float().cpu().contiguous()
-    meta = {**meta, "n_tokens": prompt.shape[0], "d_model": prompt.shape[1]}
+    prompt = prompt.detach().float().cpu()
+    prompt = (prompt[0] if prompt.dim() == 3 and prompt.shape[0] == 1 else prompt).contiguous()
+    meta = {**meta, "layers": prompt.shape[0] if prompt.dim() == 3 else 1, "n_tokens": prompt.shape[-2],
+            "d_model": prompt.shape[-1]}
     atomic_write(output_dir / "prompt.safetensors",
                  lambda tmp: save_file({"prompt": prompt}, tmp, metadata={"format": "pt"}))
     write_json(output_dir / "prompt.json", meta)
@@ -105,15 +109,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, output_dir, step: int, client_state: dict, prompt: torch.Tensor, prompt_meta: dict,
-                    keep: int, rank: int) -> Path:
-    """Collective: every rank writes its part, then rank 0 moves `latest` and prunes old ones."""
+def save_checkpoint(engine, output_dir, step: int, client_state: dict, prompt: torch.Tensor | None,
+                    prompt_meta: dict, keep: int, rank: int) -> Path:
+    """Collective: every rank writes its part, then rank 0 moves `latest` and prunes old ones.
+    `prompt` (the exported prompt; None with --tune full and no prompt) is saved beside it."""
     root = Path(output_dir) / CHECKPOINTS
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
     atomic_write(root / tag / f"rng_rank{rank}.pt", lambda tmp: torch.save(rng_state(), tmp))
-    if rank == 0:
+    if rank == 0 and prompt is not None:
         save_prompt(root / tag, prompt, prompt_meta)
     _barrier()  # every rank's files are on disk before the checkpoint becomes visible
     if rank == 0:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WANDB_MODES = ("online", "offline", "disabled")
+PROMPT_DEPTHS = ("input", "encoder", "all")
 
 
 class ConfigError(ValueError):
@@ -63,7 +64,31 @@ class ModelConfig:
         "random-init mT5 with a sentencepiece vocabulary trained on inews",
         default="tiny",
     )
-    prompt_length: int = _help("number of soft prompt tokens prepended to every input", default=20)
+    tune: str = _help(
+        "what trains: 'prompt' (the prompt only; the model stays frozen) or 'full' (every parameter: "
+        "the full fine-tuning baseline prompt methods are compared with; no prompt file is written)",
+        default="prompt",
+    )
+    prompt_length: int = _help(
+        "number of soft prompt tokens prepended to every input (0: none, only with --tune full)", default=20
+    )
+    prompt_depth: str = _help(
+        "'input' (Lester et al.: a prompt before the input embeddings), 'encoder' (deep prompts as in "
+        "P-tuning v2: a trainable prompt at the input of every encoder layer) or 'all' (every encoder "
+        "and decoder layer; the decoder then reads the prompt before its start token)",
+        default="input",
+    )
+    reparam: str = _help(
+        "'none' or 'residual' (Razdaibiedina et al. 2023: prompt = W + MLP(W) with a bottleneck MLP "
+        "that trains with it and is folded into the saved prompt)",
+        default="none",
+    )
+    reparam_dim: int = _help("bottleneck width of the residual reparameterization MLP", default=512)
+    prompt_max_norm: float | None = _help(
+        "rescale any prompt row whose L2 norm exceeds this (a guard against runaway prompt norms; "
+        "default: no limit)",
+        default=None,
+    )
     prompt_init: str = _help(
         "prompt init: random (uniform +-0.5), vocab (embeddings of tokens sampled from the 5,000 "
         "most frequent in the training text) or labels (label-word embeddings, cycled)",
@@ -88,8 +113,18 @@ class ModelConfig:
     def __post_init__(self):
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.prompt_length <= 0:
-            raise ConfigError(f"--prompt_length must be > 0, got {self.prompt_length}")
+        if self.tune not in ("prompt", "full"):
+            raise ConfigError(f"--tune must be prompt or full, got {self.tune!r}")
+        if self.prompt_length < 0 or (self.prompt_length == 0 and self.tune == "prompt"):
+            raise ConfigError(f"--prompt_length must be > 0 (or 0 with --tune full), got {self.prompt_length}")
+        if self.prompt_depth not in PROMPT_DEPTHS:
+            raise ConfigError(f"--prompt_depth must be one of {', '.join(PROMPT_DEPTHS)}, got {self.prompt_depth!r}")
+        if self.reparam not in ("none", "residual"):
+            raise ConfigError(f"--reparam must be none or residual, got {self.reparam!r}")
+        if self.reparam_dim <= 0:
+            raise ConfigError(f"--reparam_dim must be > 0, got {self.reparam_dim}")
+        if self.prompt_max_norm is not None and self.prompt_max_norm <= 0:
+            raise ConfigError(f"--prompt_max_norm must be > 0, got {self.prompt_max_norm}")
         if self.prompt_init not in ("random", "vocab", "labels"):
             raise ConfigError(
                 f"--prompt_init must be random, vocab or labels, got {self.prompt_init!r}"
@@ -202,5 +237,11 @@ class RunConfig:
 
 
 def default_run_name(model: ModelConfig, seed: int) -> str:
-    """e.g. tiny_pl20_init-random_s0, mt5-xl_pl100_init-labels_s0 (for google/mt5-xl)."""
-    return f"{Path(model.model.rstrip('/')).name}_pl{model.prompt_length}_init-{model.prompt_init}_s{seed}"
+    """e.g. tiny_pl20_init-random_s0, mt5-xl_pl100_init-labels_s0 (for google/mt5-xl),
+    tiny_pl20_init-random_deep_s0, tiny_full_s0."""
+    name = Path(model.model.rstrip('/')).name
+    if model.tune == "full":
+        return f"{name}_full_s{seed}"
+    method = "".join(f"_{m}" for m, on in ((f"deep-{model.prompt_depth}", model.prompt_depth != "input"),
+                                           ("residual", model.reparam == "residual")) if on)
+    return f"{name}_pl{model.prompt_length}_init-{model.prompt_init}{method}_s{seed}"

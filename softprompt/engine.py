@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .config import ConfigError
 
 # Families whose decoder's first step we know how to score (encoder + decoder + untied/tied lm_head).
@@ -194,13 +195,11 @@ def load_frozen_model(name_or_path: str, config, dropout: float, dtype: torch.dt
     if untied:
         keys = {k: v for k, v in cls._tied_weights_keys.items() if k != "lm_head.weight"}
         cls = type(cls.__name__, (cls,), {"_tied_weights_keys": keys})
-    # HF's gelu_new is the tanh GELU in 8 unfused elementwise ops; torch's kernel is one pass that
-    # saves one tensor for backward (same function: max difference 5e-7 in fp32).
-    fused = {"dense_act_fn": "gelu_pytorch_tanh"} if getattr(config, "dense_act_fn", None) == "gelu_new" else {}
-    model = cls.from_pretrained(name_or_path, dropout_rate=dropout, dtype=dtype, **fused)
+    model = cls.from_pretrained(name_or_path, dropout_rate=dropout, dtype=dtype)
     if untied:
         assert model.lm_head.weight is not model.shared.weight, "lm_head got tied to shared"
     model.requires_grad_(False)
+    kernels.fuse(model)  # fused RMSNorm and GELU, faster CPU attention: the same functions
     return model
 
 
@@ -215,21 +214,44 @@ def frozen_numel(model: torch.nn.Module) -> tuple[int, int]:
     return local, full
 
 
-def initialize(model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize with the prompt as the only trainable parameter (asserted)."""
+def client_optimizer(ds_config: dict, params: list) -> tuple[dict, torch.optim.Optimizer | None]:
+    """DeepSpeed builds the optimizers it knows; `"type": "Adafactor"` (Lester et al.'s recipe, not
+    one of DeepSpeed's) is built here from the same section -- the JSON still owns it -- and handed
+    to DeepSpeed as a client optimizer. Returns the config DeepSpeed gets and that optimizer."""
+    section = ds_config.get("optimizer", {})
+    if section.get("type", "").lower() != "adafactor":
+        return ds_config, None
+    from transformers.optimization import Adafactor
+
+    # Lester et al.: constant lr (no relative step), no parameter scaling.
+    kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **section.get("params", {})}
+    try:
+        opt = Adafactor(params, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"ds_config optimizer Adafactor: {e}") from None
+    return {k: v for k, v in ds_config.items() if k != "optimizer"}, opt
+
+
+def initialize(model: torch.nn.Module, ds_config: dict, tune: str = "prompt"):
+    """deepspeed.initialize with the trainable parameters only: the prompt's, unless `tune` is
+    "full" (asserted: an optimizer over frozen weights would cost 12+ bytes per parameter)."""
     import deepspeed
 
     from .metrics import all_reduce_sum
 
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["prompt.weight"], f"only the prompt may train, found {trainable}"
-    prompt = model.prompt.weight
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=[prompt], config=ds_config)
-    # ZeRO hands the optimizer flat fp32 partitions of the prompt, so compare element counts summed
-    # over ranks rather than tensor identities.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if tune == "prompt":
+        stray = [n for n, _ in named if not n.startswith("prompt.")]
+        assert named and not stray, f"only the prompt may train, found {stray or 'nothing'}"
+    params = [p for _, p in named]
+    config, optimizer = client_optimizer(ds_config, params)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                                   config=config)
+    # ZeRO hands the optimizer flat fp32 partitions of the trainable parameters, so compare element
+    # counts summed over ranks rather than tensor identities.
     held = all_reduce_sum(torch.tensor(sum(p.numel() for p in optimized_tensors(engine)))).item()
-    n_prompt = prompt.ds_numel if hasattr(prompt, "ds_numel") else prompt.numel()
-    assert held == n_prompt, f"the optimizer holds {held} elements; the prompt has {n_prompt}"
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    assert held == n_train, f"the optimizer holds {held} elements; the trainable parameters have {n_train}"
     return engine, scheduler
 
 
@@ -247,5 +269,7 @@ def optimized_tensors(engine) -> list[torch.Tensor]:
 
 
 def optimizer_state_numel(engine) -> int:
-    """Elements of optimizer state per moment (Adam's exp_avg) on this rank."""
-    return sum(s["exp_avg"].numel() for s in base_optimizer(engine).state.values() if "exp_avg" in s)
+    """Elements of optimizer state on this rank: every state tensor (Adam's two moments, Adafactor's
+    factored second moment), scalars such as the step count left out."""
+    return sum(t.numel() for s in base_optimizer(engine).state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)

@@ -13,43 +13,107 @@ class PromptedMT5(nn.Module):
     """Frozen encoder-decoder + trainable prompt -> class scores (B, C).
 
     `head` holds the verbalizer's lm_head rows (C, D), read once at build time: the frozen lm_head
-    never changes, so under ZeRO-3 the 250k-row head is never gathered during training.
+    never changes, so under ZeRO-3 the 250k-row head is never gathered during training. With
+    `pieces` instead (full fine-tuning: lm_head trains), scores come from the live lm_head.
+    `prompt` may be None (full fine-tuning without a prompt).
     """
 
-    def __init__(self, mt5: nn.Module, prompt: SoftPrompt, head: torch.Tensor):
+    def __init__(self, mt5: nn.Module, prompt: SoftPrompt | None, head: torch.Tensor | None = None,
+                 pieces: list[list[int]] | None = None):
         super().__init__()
+        assert (head is None) != (pieces is None), "give the verbalizer head or its token ids"
         self.mt5 = mt5
         self.prompt = prompt
-        self.register_buffer("head", head.float(), persistent=False)
+        self.register_buffer("head", None if head is None else head.float(), persistent=False)
+        self.pieces = pieces
         config = mt5.config
         self.decoder_start_token_id = config.decoder_start_token_id
         # Original T5 (tied embeddings) rescales the decoder output before lm_head; mT5/T5 v1.1 do not.
         self.output_scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else 1.0
+        # Deep prompts: before block l >= 1 of a stack, the prompt positions get that layer's slice.
+        self._deep = {}  # stack -> (B, layers, P, D), set only during a forward with deep prompts
+        for stack in (mt5.encoder, mt5.decoder):
+            for layer, block in enumerate(stack.block):
+                if layer > 0:
+                    block.register_forward_pre_hook(self._deep_hook(stack, layer))
+
+    def _deep_hook(self, stack: nn.Module, layer: int):
+        def hook(block, args):
+            deep = self._deep.get(stack)
+            if deep is None:
+                return None
+            hidden, P = args[0], deep.shape[2]  # (B, P+T, D)
+            hidden = torch.cat([deep[:, layer].to(hidden.dtype), hidden[:, P:]], dim=1)
+            return (hidden, *args[1:])
+        return hook
+
+    def split_prompts(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L, P, D) -> encoder part (B, L_enc, P, D), decoder part (B, L_dec, P, D) or None.
+
+        L = 1: an input prompt; L = encoder layers: deep encoder prompts; L = encoder + decoder
+        layers: deep prompts in both stacks."""
+        n_enc, n_dec = len(self.mt5.encoder.block), len(self.mt5.decoder.block)
+        L = prompts.shape[1]
+        if L not in (1, n_enc, n_enc + n_dec):
+            raise ValueError(f"a prompt of {L} layers fits neither the input (1), the encoder ({n_enc}) nor "
+                             f"encoder + decoder ({n_enc + n_dec})")
+        return prompts[:, :n_enc], (prompts[:, n_enc:] if L == n_enc + n_dec and n_dec else None)
+
+    def trained_or(self, prompts, prompt_mask, attention_mask: torch.Tensor):
+        """The per-row `prompts` when given, else the trained prompt for every row (or None, None)."""
+        if prompts is None and self.prompt is not None:
+            B = attention_mask.shape[0]
+            prompts = self.prompt(B)  # (B, L, P, D)
+            prompt_mask = attention_mask.new_ones(B, prompts.shape[2])
+        return prompts, prompt_mask
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                prompts: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None):
         """Encoder states over [prompt; input] and the extended mask.
 
-        `prompts` (B, P, D) with `prompt_mask` (B, P) replace the trained prompt with one prompt
+        `prompts` (B, L, P, D) with `prompt_mask` (B, P) replace the trained prompt with one prompt
         per row (inference with many prompts); shorter prompts are left-padded, so every real
         token keeps its relative distances (T5's position bias is relative).
         """
-        B = input_ids.shape[0]
+        prompts, prompt_mask = self.trained_or(prompts, prompt_mask, attention_mask)
         embeds = self.mt5.shared(input_ids)  # (B, T, D)
         if prompts is None:
-            prompts = self.prompt(B)  # (B, P, D)
-            prompt_mask = attention_mask.new_ones(B, prompts.shape[1])
-        x = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)  # (B, P+T, D)
+            return self.mt5.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state, \
+                attention_mask
+        enc, _ = self.split_prompts(prompts)
+        x = torch.cat([enc[:, 0].to(embeds.dtype), embeds], dim=1)  # (B, P+T, D)
         mask = torch.cat([prompt_mask.to(attention_mask.dtype), attention_mask], dim=1)  # (B, P+T)
-        states = self.mt5.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, P+T, D)
-        return states, mask
+        return self.run_stack(self.mt5.encoder, enc, inputs_embeds=x, attention_mask=mask), mask  # (B, P+T, D)
+
+    def run_stack(self, stack: nn.Module, deep: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One stack's last hidden state, with `deep` (B, L, P, D) fed to its blocks' hooks."""
+        if deep.shape[1] > 1:
+            self._deep[stack] = deep
+        try:
+            return stack(**kwargs).last_hidden_state
+        finally:
+            self._deep.pop(stack, None)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts=None, prompt_mask=None):
-        """The decoder's first hidden state (B, D), as lm_head sees it."""
+        """The decoder's first hidden state (B, D), as lm_head sees it. With decoder prompts, the
+        decoder reads [prompt; start token] and the start token's state is the one scored."""
+        prompts, prompt_mask = self.trained_or(prompts, prompt_mask, attention_mask)
         states, mask = self.encode(input_ids, attention_mask, prompts, prompt_mask)
-        start = input_ids.new_full((input_ids.shape[0], 1), self.decoder_start_token_id)  # (B, 1)
-        dec = self.mt5.decoder(input_ids=start, encoder_hidden_states=states, encoder_attention_mask=mask)
-        return dec.last_hidden_state[:, 0] * self.output_scale  # (B, D)
+        dec = self.split_prompts(prompts)[1] if prompts is not None else None
+        B = input_ids.shape[0]
+        start = input_ids.new_full((B, 1), self.decoder_start_token_id)  # (B, 1)
+        kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        if dec is None:
+            out = self.mt5.decoder(input_ids=start, **kwargs).last_hidden_state  # (B, 1, D)
+        else:
+            start_embed = self.mt5.decoder.embed_tokens(start)  # (B, 1, D)
+            x = torch.cat([dec[:, 0].to(start_embed.dtype), start_embed], dim=1)  # (B, P+1, D)
+            dec_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, 1)], dim=1)  # (B, P+1)
+            out = self.run_stack(self.mt5.decoder, dec, inputs_embeds=x, attention_mask=dec_mask, **kwargs)
+        return out[:, -1] * self.output_scale  # (B, D)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return verbalizer.class_scores(self.hidden(input_ids, attention_mask), self.head)  # (B, C)
+        hidden = self.hidden(input_ids, attention_mask)
+        if self.head is None:  # lm_head trains: score with its current rows
+            return verbalizer.scores_from_logits(self.mt5.lm_head(hidden), self.pieces)  # (B, C)
+        return verbalizer.class_scores(hidden, self.head)  # (B, C)

@@ -20,14 +20,16 @@ Activation formula (bytes; measured against the tensors autograd saves, see test
 B micro-batch, L = prompt_length + seq_len encoder tokens, N = B x L, b activation dtype bytes,
 d d_model, i = heads x d_kv, f d_ff, h heads. Frozen weights mean a Linear saves nothing (the input
 gradient needs only the weight), so per token and layer what remains is:
-    rmsnorm  ln = d*b (+ d*4 for the fp32 copy when b != 4) + 4 (fp32 rsqrt)
-    encoder layer = N*(2*ln + 4*i*b + 4*h + F*f*b) + B*h*L*L*b
-        SDPA saves q, k, v, out (4*i*b), the fp32 logsumexp (4*h), and its float mask: relative
-        position bias + padding mask, (B, h, L, L) per layer. F = 3 for gated-gelu (mT5, T5 v1.1:
-        the GELU's input and output, plus wi_1's output; engine.load_frozen_model swaps HF's
-        unfused `gelu_new`, which would save 6, for torch's fused tanh GELU), 1 for relu (T5).
+    rmsnorm  ln = d*4 + 4: its input and the fp32 rsqrt. The input is fp32 even in bf16: HF keeps
+        T5's FFN output projection `wo` in fp32 (`_keep_in_fp32_modules`), so the residual stream
+        the norms read is fp32 (measured; softprompt/kernels.py fuses the norm itself)
+    encoder layer = N*(2*ln + A*i*b + F*f*b) + B*h*L*L*b + attention extra
+        GPU (HF's SDPA): A = 4 (q, k, v, out), plus the fp32 logsumexp N*4*h and its float mask:
+        relative position bias + padding mask, (B, h, L, L) per layer. CPU (kernels.py's
+        matmul-softmax-matmul): A = 3 (q, k, v) and the softmax output, (B, h, L, L). F = 3 for
+        gated-gelu (mT5, T5 v1.1: the fused GELU's input, wi_1's output, their product), 1 for relu.
     decoder, per layer: cross-attention K and V over all encoder tokens N*2*i*b, plus one
-        decoder step B*(3*ln + 6*i*b + 8*h + F*f*b + h*L*b).
+        decoder step B*(3*ln + 6*i*b + 8*h + F*f*b + h*L*b) (GPU; on CPU 4*i*b, no logsumexp).
     no checkpointing:   n_enc*encoder_layer + N*ln (final norm) + n_dec*decoder_layer
     with checkpointing (HF gradient checkpointing, every block): the block inputs
         (n_enc + 1)*N*d*b + n_dec*B*d*b, plus the final norm, plus one block recomputed in the backward.
@@ -123,20 +125,23 @@ def param_count(s: Shape) -> int:
     return s.vocab * s.d_model * (1 if s.tied else 2) + enc + dec
 
 
-def _per_sample_terms(s: Shape, enc_tokens: int, b: int) -> dict[str, float]:
-    """Activation bytes per sample (B = 1) by component; the formula in the module docstring."""
+def _per_sample_terms(s: Shape, enc_tokens: int, b: int, gpu: bool = True) -> dict[str, float]:
+    """Activation bytes per sample (B = 1) by component; the formula in the module docstring.
+    `gpu`: HF's SDPA attention (GPUs) rather than kernels.py's CPU attention."""
     L, d, i, h, f = enc_tokens, s.d_model, s.inner, s.num_heads, s.d_ff
     F = FF_SAVED[s.feed_forward_proj]
-    ln = d * b + (d * 4 if b != 4 else 0) + 4
-    enc_layer = L * (2 * ln + 4 * i * b + 4 * h + F * f * b) + h * L * L * b
-    dec_layer = L * 2 * i * b + (3 * ln + 6 * i * b + 8 * h + F * f * b + h * L * b)
+    ln = d * 4 + 4  # fp32 residual stream, also in bf16 (docstring)
+    attn = (4 * i * b + 4 * h) if gpu else 3 * i * b  # per token: q, k, v (+ out and logsumexp on GPU)
+    enc_layer = L * (2 * ln + attn + F * f * b) + h * L * L * b
+    dec_layer = L * 2 * i * b + (3 * ln + (6 * i * b + 8 * h if gpu else 4 * i * b) + F * f * b + h * L * b)
     return {"enc_layer": enc_layer, "dec_layer": dec_layer, "final_norm": L * ln,
             "ckpt_inputs": (s.num_layers + 1) * L * d * b + s.num_decoder_layers * d * b}
 
 
-def activation_bytes(s: Shape, micro_batch: int, enc_tokens: int, b: int, checkpointing: bool) -> float:
+def activation_bytes(s: Shape, micro_batch: int, enc_tokens: int, b: int, checkpointing: bool,
+                     gpu: bool = True) -> float:
     """Bytes autograd keeps for the backward of one micro-batch (docstring formula)."""
-    t = _per_sample_terms(s, enc_tokens, b)
+    t = _per_sample_terms(s, enc_tokens, b, gpu)
     if checkpointing:
         per = t["ckpt_inputs"] + t["final_norm"] + max(t["enc_layer"], t["dec_layer"])
     else:

@@ -33,7 +33,7 @@ from .tokenize import EmptyTextError, encode, tokenizer_hash
 @dataclass
 class Task:
     name: str
-    prompt: torch.Tensor  # (P, D) fp32
+    prompt: torch.Tensor  # (L, P, D) fp32: L = 1 for an input prompt, the encoder's layers for deep prompts
     label_names: list[str]
     pieces: list[list[int]]  # verbalizer token ids per class
     max_length: int | None
@@ -48,15 +48,23 @@ def parse_prompt_arg(arg: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def load_tasks(prompt_args: list[str], d_model: int, tok_hash: str) -> list[Task]:
+def load_tasks(prompt_args: list[str], d_model: int, layers: tuple[int, int], tok_hash: str) -> list[Task]:
+    """The prompts and their metadata, checked against the model; `layers` = the slice counts deep
+    prompts may have (encoder layers, encoder + decoder layers)."""
     tasks = []
     for arg in prompt_args:
         name, path = parse_prompt_arg(arg)
         values, meta = checkpoint.load_prompt(path, flag="--prompt")
         if not meta:
             raise ConfigError(f"--prompt {path}: {path.with_suffix('.json')} (labels, verbalizer) is missing")
-        if values.shape[1] != d_model:
-            raise ConfigError(f"--prompt {path}: d_model {values.shape[1]} does not match the model's {d_model}")
+        values = values if values.dim() == 3 else values.unsqueeze(0)
+        if values.shape[-1] != d_model:
+            raise ConfigError(f"--prompt {path}: d_model {values.shape[-1]} does not match the model's {d_model}")
+        if values.shape[0] not in (1,) + layers:
+            raise ConfigError(f"--prompt {path}: deep prompts for {values.shape[0]} layers; this model takes "
+                              f"{' or '.join(map(str, layers))} (encoder, encoder + decoder)")
+        if tasks and values.shape[0] != tasks[0].prompt.shape[0]:
+            raise ConfigError(f"--prompt {path}: prompts of different depths cannot be mixed in one run")
         if meta.get("tokenizer_hash") != tok_hash:
             raise ConfigError(f"--prompt {path}: trained with another tokenizer "
                               f"(hash {meta.get('tokenizer_hash')}, the model's is {tok_hash})")
@@ -88,13 +96,14 @@ def row_tasks(task_column: list[str] | None, tasks: list[Task], ensemble: str | 
 
 
 def stack_prompts(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, Pmax, D) prompts left-padded with zeros and their (K, Pmax) mask."""
-    width = max(p.shape[0] for p in prompts)
-    out = torch.zeros(len(prompts), width, prompts[0].shape[1])
+    """K (L, P, D) prompts -> (K, L, Pmax, D), left-padded with zeros, and their (K, Pmax) mask."""
+    width = max(p.shape[1] for p in prompts)
+    L, D = prompts[0].shape[0], prompts[0].shape[2]
+    out = torch.zeros(len(prompts), L, width, D)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for k, p in enumerate(prompts):
-        out[k, width - p.shape[0]:] = p
-        mask[k, width - p.shape[0]:] = 1
+        out[k, :, width - p.shape[1]:] = p
+        mask[k, width - p.shape[1]:] = 1
     return out, mask
 
 
@@ -174,7 +183,8 @@ def run(args) -> int:
     model_path = resolve_model(args.model)
     model_config = engine.load_model_config(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tasks = load_tasks(args.prompt, model_config.d_model, tokenizer_hash(tokenizer))
+    layers = (model_config.num_layers, model_config.num_layers + model_config.num_decoder_layers)
+    tasks = load_tasks(args.prompt, model_config.d_model, layers, tokenizer_hash(tokenizer))
     path = Path(args.input)
     if not path.is_file():
         raise ConfigError(f"--input {path}: file not found")

@@ -38,16 +38,66 @@ def gathered(params: Sequence[nn.Parameter], modifier_rank: int | None = None):
 
 
 class SoftPrompt(nn.Module):
-    def __init__(self, init: torch.Tensor):
+    """Trainable parameters -> the prompt the frozen model sees, (L, P, D).
+
+    L = 1: Lester et al.'s input prompt, prepended to the input embeddings. L = the encoder's layer
+    count (`--prompt_depth all`): deep prompts, as in P-tuning v2 -- slice 0 is the input prompt and
+    slice l replaces the hidden states at the prompt positions before encoder block l, so every
+    layer attends to trainable keys/values (its frozen K/V projections of trainable vectors).
+
+    `reparam="residual"` (Razdaibiedina et al. 2023): the prompt is W + MLP(W), a bottleneck MLP
+    with a skip connection shared by all rows. Its up-projection starts at zero, so the first
+    forward equals the plain prompt; at save time the MLP is folded away (`export`).
+    `max_norm` rescales any prompt row whose L2 norm exceeds it (inside the forward, so it also
+    holds under ZeRO-3 and in the saved prompt): a guard against runaway prompt norms.
+    """
+
+    def __init__(self, init: torch.Tensor, layers: int = 1, reparam: str = "none", reparam_dim: int = 512,
+                 max_norm: float | None = None):
         super().__init__()
-        self.weight = nn.Parameter(init.detach().clone().float())  # (P, D)
+        if init.dim() == 2:
+            init = init.unsqueeze(0).expand(layers, -1, -1)  # every layer starts from the same rows
+        self.weight = nn.Parameter(init.detach().clone().float())  # (L, P, D)
+        self.kwargs = {"layers": init.shape[0], "reparam": reparam, "reparam_dim": reparam_dim,
+                       "max_norm": max_norm}
+        self.mlp = None
+        if reparam == "residual":
+            d = init.shape[-1]
+            self.mlp = nn.Sequential(nn.Linear(d, reparam_dim), nn.ReLU(), nn.Linear(reparam_dim, d))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+        elif reparam != "none":
+            raise ValueError(f"unknown reparameterization {reparam!r}")
+        self.max_norm = max_norm
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(L, P, D), also under ZeRO-3 where `weight` is a size-0 placeholder."""
+        return tuple(self.weight.ds_shape) if is_zero3(self.weight) else tuple(self.weight.shape)
 
     @property
     def n_tokens(self) -> int:
-        return self.weight.shape[0] if not is_zero3(self.weight) else self.weight.ds_shape[0]
+        return self.shape[1]
+
+    def values(self) -> torch.Tensor:
+        x = self.weight  # (L, P, D)
+        if self.mlp is not None:
+            x = x + self.mlp(x)
+        if self.max_norm is not None:
+            x = x * (self.max_norm / x.norm(dim=-1, keepdim=True)).clamp(max=1.0)
+        return x
 
     def forward(self, batch_size: int) -> torch.Tensor:
-        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)  # (B, P, D)
+        v = self.values()
+        return v.unsqueeze(0).expand(batch_size, *v.shape)  # (B, L, P, D)
+
+    def export(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prompt the model sees, (L, P, D) fp32, from a `read_state` copy: the MLP folded in.
+        Computed on a plain CPU copy, so it is local (no ZeRO-3 hooks) and rank 0 may call it alone."""
+        plain = SoftPrompt(state["weight"], **self.kwargs)
+        plain.load_state_dict(state)
+        with torch.no_grad():
+            return plain.values().detach()
 
 
 def most_frequent_ids(sequences: Iterable[Sequence[int]], exclude: set[int], k: int = VOCAB_INIT_TOP_K) -> list[int]:
@@ -105,8 +155,8 @@ def init_prompt(
         return torch.stack([table[r].mean(0) for r in rows]).cpu()
 
 
-def read_prompt(param: nn.Parameter) -> torch.Tensor:
-    """The full prompt as an fp32 CPU copy (the optimizer's fp32 master when there is one).
+def read_param(param: nn.Parameter) -> torch.Tensor:
+    """A full fp32 CPU copy of a trainable parameter (the optimizer's fp32 master when there is one).
 
     Collective under ZeRO-3: every rank must call it.
     """
@@ -119,8 +169,8 @@ def read_prompt(param: nn.Parameter) -> torch.Tensor:
         return param.detach().float().cpu().clone()
 
 
-def write_prompt(param: nn.Parameter, value: torch.Tensor) -> None:
-    """Set the prompt (and its fp32 master) to `value` on every rank. Collective under ZeRO-3."""
+def write_param(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Set a trainable parameter (and its fp32 master) on every rank. Collective under ZeRO-3."""
     from deepspeed.utils import safe_set_full_fp32_param
 
     if getattr(param, "_z3_optimizer", None) is not None or hasattr(param, "_hp_mapping"):
@@ -128,3 +178,15 @@ def write_prompt(param: nn.Parameter, value: torch.Tensor) -> None:
     with gathered([param], modifier_rank=0):
         with torch.no_grad():
             param.copy_(value.to(param.device, param.dtype))
+
+
+def read_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 copies of every trainable parameter of `module`. Collective under ZeRO-3."""
+    return {name: read_param(p) for name, p in module.named_parameters() if p.requires_grad}
+
+
+def write_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `read_state`. Collective under ZeRO-3."""
+    params = dict(module.named_parameters())
+    for name, value in state.items():
+        write_param(params[name], value)

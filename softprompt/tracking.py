@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 COLLAPSE_SHARE = 0.95  # eval/collapsed: this share of the predictions or more is one class
+RUNAWAY_RATIO = 10.0  # train/runaway: the prompt's norm is this many times its initial norm or more
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,23 @@ def memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["train/max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def norm_guard(norm: float, init_norm: float) -> dict:
+    """The prompt-norm metrics: its L2 norm, the ratio to its initial norm, and whether that ratio
+    reached RUNAWAY_RATIO (published mT5 prompt runs grew ~60x before dev accuracy fell)."""
+    ratio = norm / init_norm if init_norm else 1.0
+    return {"train/prompt_norm": norm, "train/prompt_norm_ratio": ratio, "train/runaway": ratio >= RUNAWAY_RATIO}
+
+
+def stability(guards: dict) -> str:
+    """The end-of-run line about the guards: what tripped, or "ok"."""
+    found = []
+    if guards["collapsed_steps"]:
+        found.append(f"dev predictions collapsed onto one class at steps {guards['collapsed_steps']}")
+    if guards["runaway_step"] is not None:
+        found.append(f"runaway prompt norm from step {guards['runaway_step']}")
+    return "; ".join(found) or "ok"
 
 
 def collapsed(pred_counts: dict[str, int]) -> bool:

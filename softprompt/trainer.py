@@ -19,8 +19,8 @@ import torch
 from . import flops, metrics, verbalizer
 from .collate import collate, shard_batches
 from .engine import BatchSizes
-from .prompt import read_prompt, write_prompt
-from .tracking import COLLAPSE_SHARE, Table, Tracker, collapsed, memory_mb
+from .prompt import read_state, write_state
+from .tracking import COLLAPSE_SHARE, Table, Tracker, collapsed, memory_mb, norm_guard, stability
 
 
 @dataclass(frozen=True)
@@ -99,23 +99,33 @@ class Preemption:
         self.requested = True
 
 
+def prompt_norm(prompt) -> float:
+    """L2 norm of the prompt the model sees (reparameterization and clipping applied). Collective."""
+    return prompt.export(read_state(prompt)).norm().item()
+
+
 def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: Tracker, pad_id: int,
           rank: int, device, state: dict | None = None, save: Callable[[int, dict], None] | None = None,
           preemption: Preemption | None = None) -> dict:
     """Train, evaluate on dev per `schedule`, then score the best-dev prompt on test.
 
-    `state` is a checkpoint's trainer state to continue from; `save(step, state)` writes one (every
-    --save_every steps, and when a preemption is requested: then the run returns early with
-    `preempted` set).
+    With --tune full there is no prompt to keep: test is scored at every dev evaluation instead,
+    and the best dev step's is reported. `state` is a checkpoint's trainer state to continue from;
+    `save(step, state)` writes one (every --save_every steps, and when a preemption is requested:
+    then the run returns early with `preempted` set).
     """
-    prompt = engine.module.prompt.weight
-    n_prompt = engine.module.prompt.n_tokens
+    prompt = engine.module.prompt  # None: full fine-tuning without a prompt
+    keep_prompt = cfg.model.tune == "prompt"
+    n_prompt = prompt.n_tokens if prompt is not None else 0
     labels = splits.label_names
-    best = {"step": 0, "metrics": None, "prompt": None}
+    best = {"step": 0, "metrics": None, "state": None, "test": None}
     window = torch.zeros(3, dtype=torch.float64)  # loss x examples, examples, tokens since last log
+    # Stability guards: dev evals whose predictions collapsed onto one class, and the prompt norm
+    # against its initial value (a runaway norm preceded the collapse of published mT5 runs).
+    guards = {"collapsed_steps": [], "runaway_step": None, "init_norm": prompt_norm(prompt) if prompt is not None else None}
     start = 0
     if state is not None:  # the data position follows from the step: order = f(seed, epoch)
-        start, best, window = state["step"], state["best"], state["window"]
+        start, best, window, guards = state["step"], state["best"], state["window"], state["guards"]
     # The restored window's examples were processed in the interrupted run's time, not ours.
     t_log = time.perf_counter() - (state["window_s"] if state else 0.0)
     engine.train()
@@ -143,9 +153,14 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
                 "train/tokens_per_s": n_tok / elapsed,
                 "train/samples_per_s": n_ex / elapsed,
                 "train/step_time_s": elapsed * sizes.global_batch / n_ex,  # each step takes one global batch
-                "train/prompt_norm": read_prompt(prompt).norm().item(),  # collective: every rank reads it
                 **memory_mb(device),
             }
+            if prompt is not None:
+                record.update(norm_guard(prompt_norm(prompt), guards["init_norm"]))  # collective
+                if record["train/runaway"] and guards["runaway_step"] is None:
+                    guards["runaway_step"] = step
+                    tracker.print(f"warning: step {step}: the prompt norm is {record['train/prompt_norm_ratio']:.1f}x "
+                                  "its initial value (runaway; consider a lower lr or --prompt_max_norm)")
             # The last step's, before clipping; DeepSpeed has none at ZeRO stage 0 without clipping.
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
@@ -169,28 +184,39 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
             tracker.log(step, record)
             tracker.print(f"step {step}: dev accuracy {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f}")
             if record["eval/collapsed"]:
+                guards["collapsed_steps"].append(step)
                 tracker.print(f"warning: step {step}: {COLLAPSE_SHARE:.0%} or more of the dev predictions "
                               f"are one class {dev['pred_counts']}")
             if best["metrics"] is None or dev["accuracy"] > best["metrics"]["accuracy"]:
-                best = {"step": step, "metrics": dev, "prompt": read_prompt(prompt)}
+                best = {"step": step, "metrics": dev, "test": None,
+                        "state": read_state(prompt) if keep_prompt else None}
+                if not keep_prompt and splits.test is not None:  # no prompt to restore later: score test now
+                    best["test"] = evaluate(engine, splits.test, labels, cfg.train.eval_batch_size, pad_id, rank,
+                                            sizes.world_size, device)
             t_log += time.perf_counter() - t_eval  # keep eval time out of train throughput
 
         stop = preemption is not None and metrics.any_rank(preemption.requested)
         if save is not None and (stop or (cfg.train.save_every and step % cfg.train.save_every == 0)):
             save(step, {"step": step, "best": best, "window": window, "window_s": time.perf_counter() - t_log,
-                        "wandb_run_id": tracker.run_id})
+                        "guards": guards, "wandb_run_id": tracker.run_id})
         if stop:
             tracker.print(f"preempted: checkpoint saved at step {step}")
             return {"preempted": True, "step": step}
 
-    final_prompt = read_prompt(prompt)
-    write_prompt(prompt, best["prompt"])
-    test = None
-    if splits.test is not None:
-        test = evaluate(engine, splits.test, labels, cfg.train.eval_batch_size, pad_id, rank,
-                        sizes.world_size, device)
+    final_prompt = best_prompt = None
+    test = best["test"]
+    if keep_prompt:
+        final_prompt = prompt.export(read_state(prompt))
+        write_state(prompt, best["state"])
+        best_prompt = prompt.export(best["state"])
+        if splits.test is not None:
+            test = evaluate(engine, splits.test, labels, cfg.train.eval_batch_size, pad_id, rank,
+                            sizes.world_size, device)
+    if test is not None:
         tracker.log(schedule.total_steps, flat("test", test))
         tracker.print(f"best dev step {best['step']}: test accuracy {test['accuracy']:.4f} "
                       f"macro-F1 {test['macro_f1']:.4f}")
+    guards = {k: v for k, v in guards.items() if k != "init_norm"}
+    tracker.print(f"stability: {stability(guards)}")
     return {"preempted": False, "best_step": best["step"], "dev": best["metrics"], "test": test,
-            "prompt": best["prompt"], "final_prompt": final_prompt}
+            "prompt": best_prompt, "final_prompt": final_prompt, "guards": guards}

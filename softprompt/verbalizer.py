@@ -88,7 +88,18 @@ def class_head(lm_head_weight: torch.Tensor, pieces: Sequence[Sequence[int]]) ->
 
 def class_scores(hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """(B, D) decoder state x (C, D) head -> (B, C) scores, computed in fp32."""
-    return hidden.float() @ head.float().T
+    # With fewer than 16 output columns MKL's sgemm takes another code path, with another summation
+    # order than the full-vocabulary lm_head projection, and the scores would differ from its logits
+    # in the last bit. A zero-padded head keeps the same path, so single-piece class scores equal the
+    # logits exactly in fp32 (tests/test_model.py), for a negligible B x 16 x D.
+    C = head.shape[0]
+    padded = F.pad(head.float(), (0, 0, 0, max(0, 16 - C)))  # (max(C, 16), D)
+    return F.linear(hidden.float(), padded)[:, :C]
+
+
+def scores_from_logits(logits: torch.Tensor, pieces: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, V) full logits -> (B, C): per class, the mean of its pieces' logits (= `class_head` scoring)."""
+    return torch.stack([logits[:, list(p)].float().mean(-1) for p in pieces], dim=-1)
 
 
 def loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

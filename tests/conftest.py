@@ -61,3 +61,14 @@ def tiny_model_dir(tmp_path_factory):
     from softprompt.tiny import build_tiny_mt5
 
     return build_tiny_mt5(tmp_path_factory.mktemp("tiny_model") / "model", **TINY_MODEL_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_frozen(tiny_model_dir):
+    """The tiny model loaded as the trainer loads it (fp32, dropout 0, every parameter frozen)."""
+    import torch
+
+    from softprompt import engine
+
+    config = engine.load_model_config(str(tiny_model_dir))
+    return engine.load_frozen_model(str(tiny_model_dir), config, dropout=0.0, dtype=torch.float32).eval()

@@ -114,15 +114,19 @@ def test_outputs_written_by_rank_zero(runs):
 
 
 @pytest.mark.distributed
-def test_inside_zero3(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", [{}, {"prompt_depth": "all", "reparam": "residual", "reparam_dim": 8}],
+                         ids=["input", "deep+residual"])
+def test_inside_zero3(tiny_model_dir, tmp_path, method):
     report = tmp_path / "report.json"
     deepspeed("tests/zero3_checks.py", str(report),
-              *train_args(tiny_model_dir, ds_config(tmp_path, 3), tmp_path / "out", max_steps=3))
+              *train_args(tiny_model_dir, ds_config(tmp_path, 3), tmp_path / "out", max_steps=3, **method))
     r = json.loads(report.read_text())
     assert r["world"] == 2
     assert r["frozen_unchanged"] and r["frozen_names"] > 10
-    assert r["prompt_changed"]
-    assert r["optimizer_state_numel"] == r["prompt_numel"] == P * 32
+    assert all(r["prompt_changed"].values())  # every trainable tensor moved: the MLP's too
+    # Deep: one (P, 32) slice per encoder and decoder layer (2 + 2); the MLP: 32 -> 8 -> 32.
+    trainable = 4 * P * 32 + (32 * 8 + 8 + 8 * 32 + 32) if method else P * 32
+    assert r["optimizer_state_numel"] == 2 * r["prompt_numel"] == 2 * trainable  # AdamW: two moments, prompt only
     # Each rank holds about half of the frozen weights (small tensors below the persistence
     # threshold stay whole on every rank, hence the margin).
     assert sum(r["frozen_per_rank"]) < 0.6 * 2 * r["frozen_full"]

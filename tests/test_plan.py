@@ -46,7 +46,8 @@ def test_activation_formula_matches_measured(tiny_model_dir, dtype):
     from softprompt import engine
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    # The trainer's loader (fused GELU), dropout 0 as the trainer's default: dropout would save masks
+    # The trainer's loader (softprompt.kernels: fused norm, GELU, CPU attention), dropout 0 as the
+    # trainer's default: dropout would save masks
     config = engine.load_model_config(str(tiny_model_dir))
     mt5 = engine.load_frozen_model(str(tiny_model_dir), config, 0.0, torch_dtype)
     d, P, B, T = mt5.config.d_model, 6, 4, 40
@@ -57,7 +58,7 @@ def test_activation_formula_matches_measured(tiny_model_dir, dtype):
     measured = plan.saved_tensor_bytes(
         model, lambda: torch.nn.functional.cross_entropy(model(ids, mask), torch.tensor([0, 1, 2, 0])))
     shape = plan.resolve_shape(str(tiny_model_dir))
-    predicted = plan.activation_bytes(shape, B, P + T, plan.DTYPE_BYTES[dtype], checkpointing=False)
+    predicted = plan.activation_bytes(shape, B, P + T, plan.DTYPE_BYTES[dtype], checkpointing=False, gpu=False)
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
 
 

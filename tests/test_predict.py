@@ -61,6 +61,26 @@ def test_reproduces_trainer_test_accuracy_single_and_zero3(trained):
         assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
 
 
+def test_deep_residual_prompt_reproduces_trainer_predictions(trained):
+    """A deep prompt (every encoder and decoder layer) trained with the residual MLP: the saved,
+    folded prompt alone gives the trainer's test predictions, class by class."""
+    model_dir, tmp, _, data = trained
+    out = tmp / "deep"
+    run([sys.executable, "train.py", *train_args(model_dir, ds_config(tmp, 0), out, max_steps=4, eval_every=2,
+                                                 prompt_depth="all", reparam="residual", reparam_dim=8)])
+    values, meta = checkpoint.load_prompt(out / "prompt.safetensors")
+    assert values.shape == (2 + 2, 4, 32) and meta["depth"] == "all" and meta["layers"] == 4
+    preds = tmp / "deep.jsonl"
+    proc = run(predict_cmd("--model", model_dir, "--prompt", out / "prompt.safetensors", "--input", data,
+                           "--output", preds, "--label_field", "label"))
+    counts = {}
+    for p in read_preds(preds):
+        counts[p["label"]] = counts.get(p["label"], 0) + 1
+    test = json.loads((out / "results.json").read_text())["test"]
+    assert {k: v for k, v in test["pred_counts"].items() if v} == counts
+    assert f"accuracy {test['accuracy']:.4f}" in proc.stdout
+
+
 @pytest.mark.distributed
 def test_mixed_task_batches_equal_each_prompt_alone(trained):
     model_dir, tmp, out, data = trained
@@ -128,9 +148,9 @@ def test_combine_mean_and_vote():
 
 
 def test_stack_prompts_left_pads():
-    out, mask = predict.stack_prompts([torch.ones(2, 3), torch.full((4, 3), 2.0)])
-    assert out.shape == (2, 4, 3) and mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
-    assert out[0, :2].abs().sum() == 0 and (out[0, 2:] == 1).all()
+    out, mask = predict.stack_prompts([torch.ones(2, 2, 3), torch.full((2, 4, 3), 2.0)])  # deep: 2 layers
+    assert out.shape == (2, 2, 4, 3) and mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert out[0, :, :2].abs().sum() == 0 and (out[0, :, 2:] == 1).all() and (out[1] == 2).all()
 
 
 def test_row_tasks(tmp_path):

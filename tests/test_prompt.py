@@ -42,8 +42,49 @@ def test_labels_init_cycles_and_averages_pieces():
 def test_soft_prompt_expands_without_copy():
     sp = prompt.SoftPrompt(torch.arange(6.0).reshape(3, 2))
     out = sp(4)
-    assert out.shape == (4, 3, 2) and sp.n_tokens == 3
+    assert out.shape == (4, 1, 3, 2) and sp.n_tokens == 3 and sp.shape == (1, 3, 2)
     assert out.data_ptr() == sp.weight.data_ptr()
+
+
+def test_deep_prompt_starts_every_layer_from_the_init():
+    init = torch.randn(3, 4)
+    sp = prompt.SoftPrompt(init, layers=5)
+    assert sp.shape == (5, 3, 4) and all(torch.equal(sp.weight[i], init) for i in range(5))
+    # Layers are independent parameters once trained: the expanded init was copied.
+    sp.weight.data[1] += 1
+    assert torch.equal(sp.weight[0], init)
+
+
+def test_residual_reparam_starts_as_the_plain_prompt_and_folds_on_export():
+    torch.manual_seed(0)
+    init = torch.randn(3, 8)
+    sp = prompt.SoftPrompt(init, reparam="residual", reparam_dim=16)
+    assert torch.equal(sp.values()[0], init)  # zero-init up-projection: W + MLP(W) = W at first
+    loss = sp(2).square().sum()
+    loss.backward()
+    assert sp.mlp[2].weight.grad.abs().sum() > 0  # the MLP trains although it starts at zero
+    with torch.no_grad():
+        sp.mlp[2].weight.normal_()
+    state = prompt.read_state(sp)
+    assert set(state) == {"weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    folded = sp.export(state)  # by hand: W + up(relu(down(W)))
+    w, d, u = init, sp.mlp[0], sp.mlp[2]
+    expected = w + torch.relu(w @ d.weight.T + d.bias) @ u.weight.T + u.bias
+    assert torch.allclose(folded[0], expected.detach(), atol=1e-6)
+    assert not torch.allclose(folded[0], init)
+
+
+def test_max_norm_rescales_long_rows_only():
+    init = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
+    values = prompt.SoftPrompt(init, max_norm=1.0).values()[0]
+    assert torch.allclose(values, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+
+
+def test_write_state_round_trips():
+    sp = prompt.SoftPrompt(torch.zeros(2, 3), layers=2, reparam="residual", reparam_dim=4)
+    other = prompt.SoftPrompt(torch.ones(2, 3), layers=2, reparam="residual", reparam_dim=4)
+    prompt.write_state(sp, prompt.read_state(other))
+    assert all(torch.equal(a, b) for a, b in zip(sp.parameters(), other.parameters()))
 
 
 def test_gathered_is_a_noop_without_zero3():

@@ -14,7 +14,8 @@ import pytest
 
 from launcher import cli
 from softprompt.config import ConfigError
-from softprompt.tracking import Table, Tracker, WandbSettings, collapsed, default_wandb_mode, git_commit
+from softprompt.tracking import (RUNAWAY_RATIO, Table, Tracker, WandbSettings, collapsed, default_wandb_mode,
+                                 git_commit, norm_guard, stability)
 from test_distributed import P, ROOT, deepspeed, ds_config, read_metrics, train_args
 
 
@@ -158,6 +159,16 @@ def test_tracker_off_rank_zero_writes_nothing(tmp_path):
     tracker.log(1, {"x": 1.0})
     tracker.close()
     assert tracker.run_id is None and not any(tmp_path.iterdir())
+
+
+def test_norm_guard_flags_a_runaway_prompt():
+    assert norm_guard(21.0, 21.0) == {"train/prompt_norm": 21.0, "train/prompt_norm_ratio": 1.0, "train/runaway": False}
+    assert not norm_guard(RUNAWAY_RATIO * 21 - 1, 21.0)["train/runaway"]
+    # The reference's published mT5 run: prompt values from about +-8 to about 500.
+    assert norm_guard(500.0, 8.0)["train/runaway"] and norm_guard(500.0, 8.0)["train/prompt_norm_ratio"] == 62.5
+    assert stability({"collapsed_steps": [], "runaway_step": None}) == "ok"
+    assert stability({"collapsed_steps": [3, 6], "runaway_step": 40}) == (
+        "dev predictions collapsed onto one class at steps [3, 6]; runaway prompt norm from step 40")
 
 
 def test_collapsed():

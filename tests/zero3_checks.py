@@ -13,7 +13,7 @@ from safetensors import safe_open
 from launcher import cli
 from launcher import main as launcher_main
 from softprompt import engine, metrics, trainer
-from softprompt.prompt import gathered, read_prompt
+from softprompt.prompt import gathered, read_state
 from softprompt.tracking import Tracker
 
 
@@ -31,7 +31,7 @@ def main(report_path, argv):
     model = eng.module
     mt5 = model.mt5
 
-    before, prompt_before = frozen_snapshot(model), read_prompt(model.prompt.weight)
+    before, prompt_before = frozen_snapshot(model), read_state(model.prompt)
     with safe_open(f"{v.model_path}/model.safetensors", "pt") as f:
         saved_head = f.get_tensor("lm_head.weight")
         saved_shared = f.get_tensor("shared.weight")
@@ -45,7 +45,7 @@ def main(report_path, argv):
                   engine.device())
     tracker.close()
 
-    after, prompt_after = frozen_snapshot(model), read_prompt(model.prompt.weight)
+    after, prompt_after = frozen_snapshot(model), read_state(model.prompt)
     local, full = engine.frozen_numel(model)
     per_rank = torch.zeros(world, dtype=torch.long)
     per_rank[rank] = local
@@ -55,8 +55,8 @@ def main(report_path, argv):
         "frozen_per_rank": metrics.all_reduce_sum(per_rank).tolist(),
         "frozen_unchanged": all(torch.equal(before[n], after[n]) for n in before),
         "frozen_names": len(before),
-        "prompt_changed": not torch.equal(prompt_before, prompt_after),
-        "prompt_numel": prompt_after.numel(),
+        "prompt_changed": {n: not torch.equal(prompt_before[n], prompt_after[n]) for n in prompt_after},
+        "prompt_numel": sum(t.numel() for t in prompt_after.values()),
         "optimizer_state_numel": int(metrics.all_reduce_sum(torch.tensor(engine.optimizer_state_numel(eng)))),
         "lm_head_untied": mt5.lm_head.weight is not mt5.shared.weight,
         "lm_head_is_checkpoint": head_is_checkpoint,

@@ -1,0 +1,84 @@
+"""launcher.quality: the method grid (pure), the summary (pure), and a CI-sized benchmark end to end."""
+
+import csv
+import json
+
+import pytest
+
+from launcher import quality, sweep
+
+
+def test_expand_methods_seeds_innermost(tmp_path):
+    ds = {"prompt": "p.json", "deep": "d.json", "full": "f.json"}
+    tasks = quality.expand(["prompt", "deep", "full"], [1, 20], ["random", "labels"], 20, [0, 1], ds, tmp_path,
+                           ["--epochs", "3"])
+    assert [(t["method"], t["init"], t["prompt_length"], t["seed"]) for t in tasks] == [
+        *[("prompt", i, n, s) for i in ("random", "labels") for n in (1, 20) for s in (0, 1)],
+        ("deep", "random", 20, 0), ("deep", "random", 20, 1), ("full", "-", 0, 0), ("full", "-", 0, 1)]
+    full, deep = tasks[-1], tasks[-4]
+    assert full["args"] == ["--ds_config", "f.json", "--seed", "1", "--quiet", "--tune", "full", "--prompt_length",
+                            "0", "--epochs", "3"]
+    assert deep["args"][:7] == ["--ds_config", "d.json", "--seed", "0", "--quiet", "--prompt_depth", "all"]
+    assert len({t["output_dir"] for t in tasks}) == len(tasks)
+
+
+def row(acc, f1=0.5):
+    return {"test_accuracy": acc, "test_macro_f1": f1, "dev_accuracy": acc, "tokens_per_s": 100.0,
+            "params_trainable": 10, "optimizer_state_numel": 20}
+
+
+def test_summary_against_full_and_init_effects():
+    tasks = [{"method": m, "init": i, "prompt_length": n} for m, i, n in
+             [("prompt", "random", 5)] * 2 + [("prompt", "labels", 5)] * 2 + [("full", "-", 0)] * 2]
+    finished = [row(0.5), row(0.6), row(0.7), None, row(0.8), row(0.8)]
+    rows = quality.summarize(tasks, finished)
+    assert [r["seeds_finished"] for r in rows] == [2, 1, 2]
+    assert rows[0]["test_accuracy_mean"] == pytest.approx(0.55) and rows[0]["vs_full"] == pytest.approx(0.55 / 0.8)
+    assert quality.best_prompt_method(rows)["init"] == "labels"
+    # labels - random = 0.7 - 0.55; std of the difference of means: sqrt(0.0707^2 / 2 + 0)
+    assert quality.init_effects(rows) == ["- length 5: labels − random = +0.1500 ± 0.0500 (std of the difference "
+                                          "of means)"]
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    assert quality.main(["--out", str(tmp_path), "--methods", "prompt,bogus"]) == 2
+    assert "unknown method 'bogus'" in capsys.readouterr().err
+    assert quality.main(["--out", str(tmp_path), "--", "--tune", "full"]) == 2
+    assert "--tune is set by the benchmark" in capsys.readouterr().err
+    assert not (tmp_path / "quality.json").exists()
+
+
+def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Every method for 3 steps on inews, one seed: the table, CSV and plot, with parameter and
+    optimizer-state counts checked by hand."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "q"
+    train = ["--model", str(tiny_model_dir), "--dataset", "inews", "--inews_content_chars", "0",
+             "--max_length", "24", "--max_steps", "3", "--eval_every", "3", "--log_every", "1"]
+    assert quality.main(["--out", str(out), "--seeds", "0", "--lengths", "5", "--inits", "random",
+                         "--method_length", "5", "--", *train]) == 0
+    rows = {r["method"]: r for r in csv.DictReader((out / "quality.csv").open())}
+    assert set(rows) == {"prompt", "deep", "residual", "full"}
+    D, layers = 32, 2 + 2  # the tiny test model: d_model 32, 2 encoder + 2 decoder layers
+    mlp = D * 512 + 512 + 512 * D + D  # the residual MLP's two linears (default --reparam_dim 512)
+    full = json.loads((out / "runs" / "full_-_len0_seed0" / "results.json").read_text())
+    expected = {"prompt": 5 * D, "deep": layers * 5 * D, "residual": 5 * D + mlp, "full": full["params_total"]}
+    for method, n in expected.items():
+        assert float(rows[method]["params_trainable"]) == n, method
+        assert float(rows[method]["optimizer_state_numel"]) == 2 * n, method  # AdamW: two moments
+        assert 0 <= float(rows[method]["test_accuracy_mean"]) <= 1
+    text = (out / "quality.md").read_text()
+    import datasets  # noqa: F401 - the majority row is recomputed here as its oracle
+    from softprompt import data
+    from softprompt.config import DataConfig
+
+    test_labels = data.load_splits(DataConfig(dataset="inews")).test["label"]
+    share = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
+    assert f"| majority class" in text and f"{share:.4f}" in text
+    assert "Best prompt-only method:" in text and (out / "quality.png").stat().st_size > 1000
+    # A larger grid over the same OUT: finished runs are reused, the rest reported missing, nothing runs.
+    assert quality.main(["--out", str(out), "--seeds", "0,1", "--lengths", "5", "--inits", "random",
+                         "--method_length", "5", "--report_only", "--", *train]) == 0
+    text = (out / "quality.md").read_text()
+    assert "| 1/2 |" in text and "Missing or failed runs (4)" in text and "prompt_random_len5_seed1" in text
+    assert not (out / "runs" / "prompt_random_len5_seed1").exists()
