@@ -67,19 +67,13 @@ def validate(cfg: RunConfig) -> Validated:
                      resume_from, init)
 
 
-def prompt_layers(cfg: RunConfig, model_config) -> int:
-    """Slices of the (L, P, D) prompt: 1 (input), the encoder's layers, or encoder + decoder layers."""
-    depth = cfg.model.prompt_depth
-    return {"input": 1, "encoder": model_config.num_layers,
-            "all": model_config.num_layers + model_config.num_decoder_layers}[depth]
-
-
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str):
     """--init_prompt's values as (L, P, D), checked against this run's prompt shape, labels and tokenizer."""
     path = cfg.train.init_prompt
     values, meta = checkpoint.load_prompt(path, flag="--init_prompt")
     values = values if values.dim() == 3 else values.unsqueeze(0)
-    expected = (prompt_layers(cfg, model_config), cfg.model.prompt_length, model_config.d_model)
+    expected = (prompt_lib.layers_for(cfg.model.prompt_depth, model_config), cfg.model.prompt_length,
+                model_config.d_model)
     if tuple(values.shape) != expected:
         raise ConfigError(f"--init_prompt {path}: shape (layers, tokens, d_model) = {tuple(values.shape)}, this "
                           f"run needs {expected} (--prompt_depth {cfg.model.prompt_depth}, --prompt_length)")
@@ -109,7 +103,7 @@ def describe_prompt(cfg: RunConfig, model_config) -> str:
     m = cfg.model
     if m.prompt_length == 0:
         return "no prompt"
-    layers = prompt_layers(cfg, model_config)
+    layers = prompt_lib.layers_for(m.prompt_depth, model_config)
     return (f"prompt {m.prompt_length} x {model_config.d_model} ({m.prompt_init} init"
             + (f", deep: {layers} layers ({m.prompt_depth})" if layers > 1 else "")
             + (f", residual MLP {m.reparam_dim}" if m.reparam == "residual" else "")
@@ -140,8 +134,8 @@ def build(cfg: RunConfig, v: Validated):
         if init is None:
             init = prompt_lib.init_prompt(m.prompt_init, m.prompt_length, mt5.shared, cfg.train.seed, frequent,
                                           v.pieces)
-        prompt = prompt_lib.SoftPrompt(init, prompt_layers(cfg, v.model_config), m.reparam, m.reparam_dim,
-                                       m.prompt_max_norm)
+        prompt = prompt_lib.SoftPrompt(init, prompt_lib.layers_for(m.prompt_depth, v.model_config), m.reparam,
+                                       m.reparam_dim, m.prompt_max_norm)
         threshold = v.ds_config.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100_000)
         if hf_ds is not None and prompt.weight.numel() >= threshold and engine.is_main_process():
             print(f"warning: the prompt ({prompt.weight.numel()} elements) is above "

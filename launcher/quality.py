@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import statistics
 import sys
@@ -62,28 +61,18 @@ def expand(methods: list[str], lengths: list[int], inits: list[str], method_leng
     return tasks
 
 
-def majority(train_args: list[str]) -> dict:
-    """Test accuracy and macro-F1 of always predicting the training split's most frequent label
-    (the data the train.py flags `train_args` name)."""
+def majority(data_cfg) -> dict:
+    """Test accuracy and macro-F1 of always predicting the training split's most frequent label."""
     import torch
 
-    from launcher import cli
     from softprompt import data, metrics
 
-    splits = data.load_splits(cli.parse(train_args).data)
+    splits = data.load_splits(data_cfg)
     names = splits.label_names
     top = statistics.mode(splits.train["label"])
     gold = torch.tensor(splits.test["label"])
     m = metrics.from_confusion(metrics.confusion(gold, torch.full_like(gold, top), len(names)), names)
     return {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "label": names[top]}
-
-
-def load(task: dict) -> dict | None:
-    row = aggregate.load_task(task)
-    if row is not None:
-        results = json.loads((Path(task["output_dir"]) / "results.json").read_text())
-        row.update({k: results.get(k) for k in ("params_trainable", "optimizer_state_numel")})
-    return row
 
 
 def summarize(tasks: list[dict], finished: list[dict | None]) -> list[dict]:
@@ -218,15 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[dict]]:
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+def parse(argv: list[str]):
+    """(our flags, the runs, the RunConfig every run's train.py flags give)."""
+    own, extra = sweep.split_extra(argv)
     args = build_parser().parse_args(own)
-    methods = sweep._list("--methods", args.methods)
-    if unknown := [m for m in methods if m not in METHODS]:
-        raise sweep.UsageError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
-    inits = sweep._list("--inits", args.inits)
-    if unknown := [i for i in inits if i not in sweep.INITS]:
-        raise sweep.UsageError(f"--inits: unknown init {unknown[0]!r} (choose from {', '.join(sweep.INITS)})")
+    methods = sweep.choices("--methods", args.methods, METHODS, "method")
+    inits = sweep.choices("--inits", args.inits, sweep.INITS, "init")
     lengths = sweep._list("--lengths", args.lengths, int)
     if min(lengths) <= 0 or args.method_length <= 0:
         raise sweep.UsageError("--lengths and --method_length must be > 0")
@@ -241,18 +227,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[dict]]:
     from softprompt.config import ConfigError
 
     try:  # the flags every run gets, checked now rather than after hours of runs
-        model = cli.parse(extra).model.model
+        run_cfg = cli.parse(extra)
     except ConfigError as e:
         raise sweep.UsageError(f"after --: {e}") from None
     out = Path(args.out).resolve()
     return args, expand(methods, lengths, inits, args.method_length, sweep._list("--seeds", args.seeds, int),
-                        ds_configs, out, extra, model)
+                        ds_configs, out, extra, run_cfg.model.model), run_cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, tasks = parse(argv)
+        args, tasks, run_cfg = parse(argv)
     except sweep.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -264,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0 if args.report_only else sweep.run_local(tasks, args.dry_run)
     if args.dry_run:
         return 0
-    base = majority(argv[argv.index("--") + 1:] if "--" in argv else [])
-    finished = [load(t) for t in tasks]
+    base = majority(run_cfg.data)
+    finished = [aggregate.load_task(t) for t in tasks]
     rows = summarize(tasks, finished)
     missing = [(i, t) for i, (t, r) in enumerate(zip(tasks, finished)) if r is None]
     text = to_markdown(rows, base, missing)

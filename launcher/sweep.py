@@ -60,6 +60,19 @@ def _list(flag: str, text: str, kind=str) -> list:
     return values
 
 
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(our flags, the train.py flags after `--`)."""
+    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
+def choices(flag: str, text: str, allowed: tuple[str, ...], noun: str) -> list[str]:
+    """A comma-separated list whose every item is one of `allowed` (a `noun`, in the error)."""
+    values = _list(flag, text)
+    if unknown := [v for v in values if v not in allowed]:
+        raise UsageError(f"{flag}: unknown {noun} {unknown[0]!r} (choose from {', '.join(allowed)})")
+    return values
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -83,11 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[dict]]:
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, extra = split_extra(argv)
     args = build_parser().parse_args(own)
-    inits = _list("--inits", args.inits)
-    if unknown := [i for i in inits if i not in INITS]:
-        raise UsageError(f"--inits: unknown init {unknown[0]!r} (choose from {', '.join(INITS)})")
+    inits = choices("--inits", args.inits, INITS, "init")
     lengths = _list("--lengths", args.lengths, int)
     if min(lengths) <= 0:
         raise UsageError(f"--lengths must be > 0, got {args.lengths}")

@@ -24,9 +24,9 @@ import torch
 
 from . import checkpoint, engine, metrics, verbalizer
 from .collate import collate, shard_batches
-from .config import ConfigError
+from .config import PROMPT_DEPTHS, ConfigError
 from .data import read_file, where_row
-from .prompt import SoftPrompt, gathered
+from .prompt import SoftPrompt, gathered, layers_for
 from .tokenize import EmptyTextError, encode, tokenizer_hash
 
 
@@ -48,9 +48,10 @@ def parse_prompt_arg(arg: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def load_tasks(prompt_args: list[str], d_model: int, layers: tuple[int, int], tok_hash: str) -> list[Task]:
-    """The prompts and their metadata, checked against the model; `layers` = the slice counts deep
-    prompts may have (encoder layers, encoder + decoder layers)."""
+def load_tasks(prompt_args: list[str], model_config, tok_hash: str) -> list[Task]:
+    """The prompts and their metadata, checked against the model (d_model, layer counts, tokenizer)."""
+    d_model = model_config.d_model
+    layers = sorted({layers_for(depth, model_config) for depth in PROMPT_DEPTHS})
     tasks = []
     for arg in prompt_args:
         name, path = parse_prompt_arg(arg)
@@ -60,9 +61,9 @@ def load_tasks(prompt_args: list[str], d_model: int, layers: tuple[int, int], to
         values = values if values.dim() == 3 else values.unsqueeze(0)
         if values.shape[-1] != d_model:
             raise ConfigError(f"--prompt {path}: d_model {values.shape[-1]} does not match the model's {d_model}")
-        if values.shape[0] not in (1,) + layers:
-            raise ConfigError(f"--prompt {path}: deep prompts for {values.shape[0]} layers; this model takes "
-                              f"{' or '.join(map(str, layers))} (encoder, encoder + decoder)")
+        if values.shape[0] not in layers:
+            raise ConfigError(f"--prompt {path}: a prompt of {values.shape[0]} layers; this model takes "
+                              f"{' or '.join(map(str, layers))} (input, encoder, encoder + decoder)")
         if tasks and values.shape[0] != tasks[0].prompt.shape[0]:
             raise ConfigError(f"--prompt {path}: prompts of different depths cannot be mixed in one run")
         if meta.get("tokenizer_hash") != tok_hash:
@@ -183,8 +184,7 @@ def run(args) -> int:
     model_path = resolve_model(args.model)
     model_config = engine.load_model_config(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    layers = (model_config.num_layers, model_config.num_layers + model_config.num_decoder_layers)
-    tasks = load_tasks(args.prompt, model_config.d_model, layers, tokenizer_hash(tokenizer))
+    tasks = load_tasks(args.prompt, model_config, tokenizer_hash(tokenizer))
     path = Path(args.input)
     if not path.is_file():
         raise ConfigError(f"--input {path}: file not found")

@@ -37,12 +37,17 @@ def gathered(params: Sequence[nn.Parameter], modifier_rank: int | None = None):
         yield
 
 
+def layers_for(depth: str, config) -> int:
+    """Slices L of an (L, P, D) prompt of `--prompt_depth` `depth` for a T5/mT5 config."""
+    return {"input": 1, "encoder": config.num_layers, "all": config.num_layers + config.num_decoder_layers}[depth]
+
+
 class SoftPrompt(nn.Module):
     """Trainable parameters -> the prompt the frozen model sees, (L, P, D).
 
-    L = 1: Lester et al.'s input prompt, prepended to the input embeddings. L = the encoder's layer
-    count (`--prompt_depth all`): deep prompts, as in P-tuning v2 -- slice 0 is the input prompt and
-    slice l replaces the hidden states at the prompt positions before encoder block l, so every
+    L = 1: Lester et al.'s input prompt, prepended to the input embeddings. L > 1 (`layers_for`):
+    deep prompts, as in P-tuning v2 -- slice 0 is the input prompt and slice l replaces the hidden
+    states at the prompt positions before block l (encoder blocks, then decoder blocks), so every
     layer attends to trainable keys/values (its frozen K/V projections of trainable vectors).
 
     `reparam="residual"` (Razdaibiedina et al. 2023): the prompt is W + MLP(W), a bottleneck MLP
