@@ -113,6 +113,10 @@ def init_distributed() -> tuple[int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (minutes on 2 cores) and leaves
+    # a 69 MB /dev/shm buffer per rank behind after every run (never unlinked; see DeepSpeed PR #4115). ZeRO-3
+    # moves the prompt's gradients with reduce-scatter/all-gather, which that op does not serve: use plain gloo.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(verbose=False)
     import torch.distributed as dist
 
