@@ -2,6 +2,7 @@
 
     python -m launcher.bench                 # mT5-small shape, random weights, batch 8, length 128, prompt 20
     python -m launcher.bench --dtype fp32 --hf_kernels   # ours without its levers; PEFT stays fp32
+    python -m launcher.bench --shape mt5-xl --batch 32 --zero3 ds_configs/zero3_bf16.json   # + a 1-rank ZeRO-3 side
 
 Ours runs as the trainer does on CPU: frozen weights in bf16 (DeepSpeed's bf16 mode) with
 `softprompt.kernels.fuse` applied (the trainer applies it at load time); PEFT runs HF's stock model
@@ -13,11 +14,18 @@ Steps alternate ours/PEFT/a matmul sample, and each side's fastest step is repor
 beside it): load from other processes on a shared machine only slows a step, and hits all three
 alike. The last line is the ratio ours/PEFT of tokens/s.
 
+`--zero3 CONFIG` adds a third side, "zero3": ours on its own copy of the weights inside a 1-rank
+DeepSpeed ZeRO-3 engine with CONFIG's `zero_optimization` section (bf16 mode when --dtype bf16, AdamW
+over the prompt), stepped with engine.backward/engine.step as the trainer steps it: the cost of the
+sharding machinery itself, with that config's buckets and persistence threshold.
+
 Tokens per step = batch x seq_len (input tokens; the prompt is overhead). MFU = model FLOPs per step
 (`softprompt.flops.train_flops`: encoder over prompt + input, the decoder step with its cross-attention
 K/V over all encoder tokens, backward for input gradients only) / step time / the dense matmul peak
-(the fastest 2048^3 matmul sampled between the steps, in the dtype ours computes in).
-Peak memory: on CUDA the allocator's peak per side; on CPU the tensors autograd saves (measured in
+(the fastest n^3 matmul sampled between the steps, in the dtype ours computes in; n = 2048 on CPU,
+8192 on CUDA, where smaller products do not reach the card's peak).
+Memory: on CUDA each side's weights and its step's allocator peak above what was resident before
+the step (activations, gradients, optimizer state, workspace); on CPU the tensors autograd saves (measured in
 one extra step, next to the planner's prediction) and the process's peak RSS.
 """
 
@@ -25,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,7 +71,12 @@ def build_mt5(s: plan.Shape, device: torch.device, seed: int = 0):
                        num_decoder_layers=s.num_decoder_layers, num_heads=s.num_heads, dropout_rate=0.0,
                        feed_forward_proj=s.feed_forward_proj, decoder_start_token_id=0)
     torch.manual_seed(seed)
-    return MT5ForConditionalGeneration(config).to(device).requires_grad_(False)
+    with device:  # initialized where it runs: an XL's random init on the CPU alone takes minutes
+        model = MT5ForConditionalGeneration(config)
+        # Real mT5 has its own lm_head (transformers 5's MT5Config ties it regardless; softprompt.tiny
+        # explains), so untie it: the weights' memory is then mT5's. Scaled as softprompt.tiny does.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(s.vocab, s.d_model) * s.d_model**-0.5)
+    return model.requires_grad_(False)
 
 
 def twin(mt5):
@@ -76,13 +91,14 @@ def twin(mt5):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    shape = plan.MT5["mt5-small"]
-    ap.add_argument("--d_model", type=int, default=shape.d_model)
-    ap.add_argument("--d_ff", type=int, default=shape.d_ff)
-    ap.add_argument("--num_layers", type=int, default=shape.num_layers, help="encoder and decoder layers each")
-    ap.add_argument("--num_heads", type=int, default=shape.num_heads)
-    ap.add_argument("--d_kv", type=int, default=shape.d_kv)
-    ap.add_argument("--vocab", type=int, default=shape.vocab)
+    ap.add_argument("--shape", choices=plan.MT5, default="mt5-small",
+                    help="model shape (random weights); the flags below override its fields")
+    ap.add_argument("--d_model", type=int)
+    ap.add_argument("--d_ff", type=int)
+    ap.add_argument("--num_layers", type=int, help="encoder and decoder layers each")
+    ap.add_argument("--num_heads", type=int)
+    ap.add_argument("--d_kv", type=int)
+    ap.add_argument("--vocab", type=int)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq_len", type=int, default=128, help="input tokens per example (no padding)")
     ap.add_argument("--prompt_length", type=int, default=20)
@@ -97,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf_kernels", action="store_true",
                     help="ours keeps HF's modules (no softprompt.kernels: HF's GELU, RMSNorm and SDPA attention)")
     ap.add_argument("--compile", action="store_true", help="ours only: torch.compile the prompted model")
+    ap.add_argument("--zero3", metavar="CONFIG", type=Path,
+                    help="add a side: ours inside a 1-rank ZeRO-3 engine with this DeepSpeed JSON's zero_optimization")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--lr", type=float, default=0.3)
     return ap
@@ -104,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    preset = plan.MT5[args.shape]
+    for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab"):
+        if getattr(args, k) is None:
+            setattr(args, k, getattr(preset, k))
     bad = [f"--{k} must be positive" for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "batch",
                                                 "seq_len", "prompt_length", "steps", "threads")
            if getattr(args, k) is not None and getattr(args, k) <= 0]
@@ -111,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         bad.append("--warmup must be >= 0")
     if args.vocab <= max(VERBALIZER_IDS):
         bad.append(f"--vocab must exceed the verbalizer ids {VERBALIZER_IDS}")
+    if args.zero3:
+        try:
+            zero = json.loads(args.zero3.read_text())["zero_optimization"]
+            assert zero.get("stage") == 3, "stage is not 3"
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            bad.append(f"--zero3 {args.zero3}: not a DeepSpeed JSON with a ZeRO-3 zero_optimization section ({e!r})")
     if bad:
         print(f"error: {bad[0]}", file=sys.stderr)
         return 2
@@ -157,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         "peft": (peft_loss, torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr),
                  peft_model),
     }
+    if args.zero3:
+        sides["zero3"] = zero3_side(mt5, init, ids, mask, labels, args, zero)
     times = {k: [] for k in sides}
     peak = {k: 0 for k in sides}
     compute = "bf16" if args.autocast else args.dtype  # ours' matmul dtype: the peak to compare with
-    mats = [torch.randn(2048, 2048, device=device).to(DTYPES[compute]) for _ in range(2)]
+    n = 8192 if device.type == "cuda" else 2048
+    mats = [torch.randn(n, n, device=device).to(DTYPES[compute]) for _ in range(2)]
     matmul = []
     for i in range(args.warmup + args.steps):
         # Alternate the sides and sample the matmul peak in between, so that load from other
@@ -169,16 +200,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, (loss_fn, opt, _) in sides.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()  # all sides' weights live in this one process
             sync(device)
             t = time.perf_counter()
-            loss_fn().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt is None:  # a DeepSpeed engine: loss_fn runs the whole step
+                loss_fn()
+            else:
+                loss_fn().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             sync(device)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t)
             if device.type == "cuda":
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() - resident)
 
     step_flops = flops.train_flops(mt5.config, B, T + P)
     fpeak = max(matmul)  # the best sample: load and the first call's warm-up only slow it
@@ -197,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         dt = min(times[name])
         tok_s[name] = B * T / dt
         if device.type == "cuda":
-            memory = f"peak memory {peak[name] / mib:.1f} MiB"
+            tensors = [getattr(t, "ds_tensor", t) for t in [*module.parameters(), *module.buffers()]]  # ZeRO: shards
+            weights = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())  # shared once
+            memory = f"weights {weights / mib:.1f} MiB, step peak above them {peak[name] / mib:.1f} MiB"
+            if name == "ours" and not args.hf_kernels and not args.autocast:
+                memory += f" (planner activations: {predicted / mib:.1f} MiB)"
+        elif opt is None:
+            memory = "activations: as ours"
         else:
             saved = plan.saved_tensor_bytes(module, loss_fn)
             opt.zero_grad(set_to_none=True)
@@ -208,8 +249,35 @@ def main(argv: list[str] | None = None) -> int:
               f"MFU {step_flops / dt / fpeak:.1%}, {memory}")
     if device.type == "cpu":
         print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.zero3:
+        print(f"zero3/ours tokens/s (the sharding machinery's cost): {tok_s['zero3'] / tok_s['ours']:.2f}")
     print(f"ours/PEFT tokens/s: {tok_s['ours'] / tok_s['peft']:.2f}")
     return 0
+
+
+def zero3_side(mt5, init: torch.Tensor, ids, mask, labels, args, zero: dict):
+    """(step function, None, module): ours on a copy of the frozen weights inside a 1-rank ZeRO-3
+    engine, built by the trainer's own `engine.initialize`."""
+    import copy
+
+    from softprompt import engine
+
+    engine.init_distributed()
+    config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "torch_adam": True}},
+              "bf16": {"enabled": args.dtype == "bf16"},
+              "zero_optimization": zero,
+              "steps_per_print": 10**9}
+    frozen = copy.deepcopy(mt5)  # ZeRO-3 partitions the module it gets in place
+    model = PromptedMT5(frozen, SoftPrompt(init), frozen.lm_head.weight[VERBALIZER_IDS].detach().clone())
+    eng, _ = engine.initialize(model, config)
+
+    def step():
+        loss = verbalizer.loss(eng(ids, mask).float(), labels)
+        eng.backward(loss)
+        eng.step()
+
+    return step, None, eng
 
 
 if __name__ == "__main__":

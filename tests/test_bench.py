@@ -60,3 +60,16 @@ def test_scaling_runs_one_and_two_ranks(tiny_model_dir, tmp_path, capsys, monkey
 def test_scaling_bad_input_exits_2(capsys):
     assert scaling.main(["--max_steps", "4", "--log_every", "5"]) == 2
     assert capsys.readouterr().err.startswith("error: --max_steps must cover 2 log windows")
+
+
+def test_bench_zero3_side_runs_in_a_deepspeed_engine():
+    """A subprocess: the 1-rank process group it starts must not outlive the test."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "launcher.bench", *TINY, "--zero3", "ds_configs/zero3_cpu_bf16.json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout.strip().splitlines()
+    side = r"zero3: step [\d.]+ s \(median [\d.]+ s\), [\d.]+ tokens/s, MFU [\d.]+%, activations: as ours"
+    assert any(re.fullmatch(side, line) for line in out), out
+    assert re.fullmatch(r"zero3/ours tokens/s \(the sharding machinery's cost\): [\d.]+", out[-2])
+    assert re.fullmatch(r"ours/PEFT tokens/s: [\d.]+", out[-1])
