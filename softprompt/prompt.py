@@ -50,8 +50,10 @@ class SoftPrompt(nn.Module):
     states at the prompt positions before block l (encoder blocks, then decoder blocks), so every
     layer attends to trainable keys/values (its frozen K/V projections of trainable vectors).
 
-    `reparam="residual"` (Razdaibiedina et al. 2023): the prompt is W + MLP(W), a bottleneck MLP
-    with a skip connection shared by all rows. Its up-projection starts at zero, so the first
+    `reparam="residual"` (Razdaibiedina et al. 2023): the prompt is W + LN(MLP(W)), a bottleneck MLP
+    shared by all rows with a LayerNorm on its output and a skip connection. The LayerNorm bounds the
+    branch (row norm |gain| * sqrt(D) at most, plus the bias): without it one AdamW lr moved every MLP
+    weight at once and the prompt ran away (README, Quality). Its gain starts at zero, so the first
     forward equals the plain prompt; at save time the MLP is folded away (`export`).
     `max_norm` rescales any prompt row whose L2 norm exceeds it (inside the forward, so it also
     holds under ZeRO-3 and in the saved prompt): a guard against runaway prompt norms.
@@ -68,9 +70,8 @@ class SoftPrompt(nn.Module):
         self.mlp = None
         if reparam == "residual":
             d = init.shape[-1]
-            self.mlp = nn.Sequential(nn.Linear(d, reparam_dim), nn.ReLU(), nn.Linear(reparam_dim, d))
-            nn.init.zeros_(self.mlp[2].weight)
-            nn.init.zeros_(self.mlp[2].bias)
+            self.mlp = nn.Sequential(nn.Linear(d, reparam_dim), nn.ReLU(), nn.Linear(reparam_dim, d), nn.LayerNorm(d))
+            nn.init.zeros_(self.mlp[3].weight)  # the LayerNorm's gain (its bias starts at zero too)
         elif reparam != "none":
             raise ValueError(f"unknown reparameterization {reparam!r}")
         self.max_norm = max_norm

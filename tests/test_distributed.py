@@ -134,8 +134,8 @@ def test_inside_zero3(tiny_model_dir, tmp_path, method):
     assert r["world"] == 2
     assert r["frozen_unchanged"] and r["frozen_names"] > 10
     assert all(r["prompt_changed"].values())  # every trainable tensor moved: the MLP's too
-    # Deep: one (P, 32) slice per encoder and decoder layer (2 + 2); the MLP: 32 -> 8 -> 32.
-    trainable = 4 * P * 32 + (32 * 8 + 8 + 8 * 32 + 32) if method else P * 32
+    # Deep: one (P, 32) slice per encoder and decoder layer (2 + 2); the MLP: 32 -> 8 -> 32, LayerNorm(32).
+    trainable = 4 * P * 32 + (32 * 8 + 8 + 8 * 32 + 32 + 2 * 32) if method else P * 32
     assert r["optimizer_state_numel"] == 2 * r["prompt_numel"] == 2 * trainable  # AdamW: two moments, prompt only
     # Each rank holds about half of the frozen weights (small tensors below the persistence
     # threshold stay whole on every rank, hence the margin).

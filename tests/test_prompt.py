@@ -59,18 +59,23 @@ def test_residual_reparam_starts_as_the_plain_prompt_and_folds_on_export():
     torch.manual_seed(0)
     init = torch.randn(3, 8)
     sp = prompt.SoftPrompt(init, reparam="residual", reparam_dim=16)
-    assert torch.equal(sp.values()[0], init)  # zero-init up-projection: W + MLP(W) = W at first
+    assert torch.equal(sp.values()[0], init)  # zero LayerNorm gain: W + LN(MLP(W)) = W at first
     loss = sp(2).square().sum()
     loss.backward()
-    assert sp.mlp[2].weight.grad.abs().sum() > 0  # the MLP trains although it starts at zero
+    assert sp.mlp[3].weight.grad.abs().sum() > 0  # the branch trains although it starts at zero
     with torch.no_grad():
-        sp.mlp[2].weight.normal_()
+        sp.mlp[3].weight.normal_()
+        sp.mlp[3].bias.normal_()
     state = prompt.read_state(sp)
-    assert set(state) == {"weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
-    folded = sp.export(state)  # by hand: W + up(relu(down(W)))
-    w, d, u = init, sp.mlp[0], sp.mlp[2]
-    expected = w + torch.relu(w @ d.weight.T + d.bias) @ u.weight.T + u.bias
-    assert torch.allclose(folded[0], expected.detach(), atol=1e-6)
+    assert set(state) == {"weight", *(f"mlp.{i}.{p}" for i in (0, 2, 3) for p in ("weight", "bias"))}
+    folded = sp.export(state)  # by hand: W + LN(up(relu(down(W))))
+    w, d, u, ln = init, sp.mlp[0], sp.mlp[2], sp.mlp[3]
+    h = torch.relu(w @ d.weight.T + d.bias) @ u.weight.T + u.bias
+    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    expected = w + h * ln.weight + ln.bias
+    assert torch.allclose(folded[0], expected.detach(), atol=1e-5)
+    bound = 8**0.5 * ln.weight.norm() + ln.bias.norm()  # normalized rows have norm sqrt(D), D = 8
+    assert (folded[0] - init).norm(dim=-1).max() <= bound * 1.001  # the branch stays bounded
     assert not torch.allclose(folded[0], init)
 
 

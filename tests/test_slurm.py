@@ -244,6 +244,11 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, started):
         r = jobs(job, cluster)[0]
         return (r["Restarts"] == "1" and r["JobState"] == "PENDING") or r["JobState"] in FINAL_STATES
     wait_for("the requeue", requeued, 120)
+    # PENDING comes before slurmd has torn the old instance down; released into that, the new batch step
+    # is refused ("Job 1 already killed, do not launch batch job") and the job ends FAILED.
+    def old_instance_gone():
+        return subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 1
+    wait_for("the old instance's slurmstepd to exit", old_instance_gone, 120)
     # Slurm holds a requeued job for 2 minutes (EligibleTime); release it now.
     slurm("scontrol", "update", f"JobId={job}", "StartTime=now", env=cluster)
     [record] = wait_job(job, cluster, timeout=180)
