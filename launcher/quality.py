@@ -8,7 +8,7 @@ and a later grid over the same OUT reuses them):
 - prompt tuning (Lester et al.) at each --lengths x --inits,
 - deep prompts (`--prompt_depth all`) and residual prompts (`--reparam residual`) at --method_length,
 - full fine-tuning (`--tune full`),
-each method with its own DeepSpeed JSON (--prompt_ds_config, --deep_ds_config, --full_ds_config:
+each method with its own DeepSpeed JSON (--prompt_ds_config, --deep_ds_config, --residual_ds_config, --full_ds_config:
 the JSON owns the learning rate, and these methods want different ones), then scores the majority
 class (no training) and writes OUT/quality.md, OUT/quality.csv and
 OUT/quality.png: mean ± sample std over seeds of test accuracy and macro-F1 (test = the best dev
@@ -196,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method_length", type=int, default=20, help="prompt length of deep and residual prompts")
     p.add_argument("--seeds", default="0,1,2", help="seeds")
     p.add_argument("--prompt_ds_config", default="ds_configs/zero3_cpu_bf16.json",
-                   help="DeepSpeed JSON of prompt tuning and residual prompts (AdamW lr 0.3)")
+                   help="DeepSpeed JSON of prompt tuning (AdamW lr 0.3)")
     p.add_argument("--deep_ds_config", default="ds_configs/zero3_cpu_bf16_deep.json",
                    help="DeepSpeed JSON of deep prompts (AdamW lr 0.03: every layer's input moves at once)")
+    p.add_argument("--residual_ds_config",
+                   help="DeepSpeed JSON of residual prompts (default: --prompt_ds_config's)")
     p.add_argument("--full_ds_config", default="ds_configs/zero3_cpu_bf16_full.json",
                    help="DeepSpeed JSON of full fine-tuning (AdamW lr 5e-4: every weight trains)")
     p.add_argument("--dry_run", action="store_true", help="write quality.json and print the commands, run nothing")
@@ -218,9 +220,10 @@ def parse(argv: list[str]):
         raise sweep.UsageError("--lengths and --method_length must be > 0")
     if clash := [a for a in extra if a.split("=")[0] in OWN_FLAGS]:
         raise sweep.UsageError(f"{clash[0].split('=')[0]} is set by the benchmark; remove it after --")
-    ds_configs = {"prompt": args.prompt_ds_config, "residual": args.prompt_ds_config, "deep": args.deep_ds_config,
+    args.residual_ds_config = args.residual_ds_config or args.prompt_ds_config
+    ds_configs = {"prompt": args.prompt_ds_config, "residual": args.residual_ds_config, "deep": args.deep_ds_config,
                   "full": args.full_ds_config}
-    for flag in ("prompt_ds_config", "deep_ds_config", "full_ds_config"):
+    for flag in ("prompt_ds_config", "deep_ds_config", "residual_ds_config", "full_ds_config"):
         if not Path(getattr(args, flag)).is_file():
             raise sweep.UsageError(f"--{flag} {getattr(args, flag)}: file not found")
     from launcher import cli

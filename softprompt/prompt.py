@@ -52,9 +52,9 @@ class SoftPrompt(nn.Module):
 
     `reparam="residual"` (Razdaibiedina et al. 2023): the prompt is W + LN(MLP(W)), a bottleneck MLP
     shared by all rows with a LayerNorm on its output and a skip connection. The LayerNorm bounds the
-    branch (row norm |gain| * sqrt(D) at most, plus the bias): without it one AdamW lr moved every MLP
-    weight at once and the prompt ran away (README, Quality). Its gain starts at zero, so the first
-    forward equals the plain prompt; at save time the MLP is folded away (`export`).
+    branch (row norm at most sqrt(D) x the largest gain, plus the bias's): without it one AdamW lr
+    moved every MLP weight at once and the prompt ran away (README, Quality). Its gain starts at
+    zero, so the first forward equals the plain prompt; at save time the MLP is folded away (`export`).
     `max_norm` rescales any prompt row whose L2 norm exceeds it (inside the forward, so it also
     holds under ZeRO-3 and in the saved prompt): a guard against runaway prompt norms.
     """

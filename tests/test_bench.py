@@ -3,6 +3,9 @@ assertions)."""
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,11 +67,10 @@ def test_scaling_bad_input_exits_2(capsys):
 
 def test_bench_zero3_side_runs_in_a_deepspeed_engine():
     """A subprocess: the 1-rank process group it starts must not outlive the test."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "launcher.bench", *TINY, "--zero3", "ds_configs/zero3_cpu_bf16.json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout.strip().splitlines()
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "launcher.bench", *TINY, "--zero3", str(root / "ds_configs" / "zero3_cpu_bf16.json")]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                         check=True).stdout.strip().splitlines()
     side = r"zero3: step [\d.]+ s \(median [\d.]+ s\), [\d.]+ tokens/s, MFU [\d.]+%, activations: as ours"
     assert any(re.fullmatch(side, line) for line in out), out
     assert re.fullmatch(r"zero3/ours tokens/s \(the sharding machinery's cost\): [\d.]+", out[-2])

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,20 @@ def test_expand_methods_seeds_innermost(tmp_path):
                             "0", "--epochs", "3"]
     assert deep["args"][:7] == ["--ds_config", "d.json", "--seed", "0", "--quiet", "--prompt_depth", "all"]
     assert len({t["output_dir"] for t in tasks}) == len(tasks)
+
+
+def test_residual_ds_config_defaults_to_the_prompt_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(quality.__file__).resolve().parents[1])  # the shipped ds_configs/ paths
+
+    def residual_config(*flags):
+        _, tasks, _ = quality.parse(["--out", str(tmp_path), "--methods", "residual", "--seeds", "0", *flags])
+        return tasks[0]["args"][1]
+
+    assert residual_config() == "ds_configs/zero3_cpu_bf16.json"
+    deep = "ds_configs/zero3_cpu_bf16_deep.json"
+    assert residual_config("--residual_ds_config", deep) == deep
+    with pytest.raises(sweep.UsageError, match="--residual_ds_config nope.json: file not found"):
+        residual_config("--residual_ds_config", "nope.json")
 
 
 def row(acc, f1=0.5):
