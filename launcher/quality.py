@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed JSON of prompt tuning (AdamW lr 0.3)")
     p.add_argument("--deep_ds_config", default="ds_configs/zero3_cpu_bf16_deep.json",
                    help="DeepSpeed JSON of deep prompts (AdamW lr 0.03: every layer's input moves at once)")
-    p.add_argument("--residual_ds_config",
-                   help="DeepSpeed JSON of residual prompts (default: --prompt_ds_config's)")
+    p.add_argument("--residual_ds_config", default="ds_configs/zero3_cpu_bf16_deep.json",
+                   help="DeepSpeed JSON of residual prompts (AdamW lr 0.03: at 0.3 the MLP branch's "
+                        "LayerNorm gain grows 0.3 a step and the prompt runs away)")
     p.add_argument("--full_ds_config", default="ds_configs/zero3_cpu_bf16_full.json",
                    help="DeepSpeed JSON of full fine-tuning (AdamW lr 5e-4: every weight trains)")
     p.add_argument("--dry_run", action="store_true", help="write quality.json and print the commands, run nothing")
@@ -220,7 +221,6 @@ def parse(argv: list[str]):
         raise sweep.UsageError("--lengths and --method_length must be > 0")
     if clash := [a for a in extra if a.split("=")[0] in OWN_FLAGS]:
         raise sweep.UsageError(f"{clash[0].split('=')[0]} is set by the benchmark; remove it after --")
-    args.residual_ds_config = args.residual_ds_config or args.prompt_ds_config
     ds_configs = {"prompt": args.prompt_ds_config, "residual": args.residual_ds_config, "deep": args.deep_ds_config,
                   "full": args.full_ds_config}
     for flag in ("prompt_ds_config", "deep_ds_config", "residual_ds_config", "full_ds_config"):

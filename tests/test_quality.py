@@ -23,16 +23,16 @@ def test_expand_methods_seeds_innermost(tmp_path):
     assert len({t["output_dir"] for t in tasks}) == len(tasks)
 
 
-def test_residual_ds_config_defaults_to_the_prompt_one(tmp_path, monkeypatch):
+def test_residual_prompts_get_their_own_ds_config(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(quality.__file__).resolve().parents[1])  # the shipped ds_configs/ paths
 
     def residual_config(*flags):
         _, tasks, _ = quality.parse(["--out", str(tmp_path), "--methods", "residual", "--seeds", "0", *flags])
         return tasks[0]["args"][1]
 
-    assert residual_config() == "ds_configs/zero3_cpu_bf16.json"
-    deep = "ds_configs/zero3_cpu_bf16_deep.json"
-    assert residual_config("--residual_ds_config", deep) == deep
+    assert residual_config() == "ds_configs/zero3_cpu_bf16_deep.json"  # lr 0.03, not prompt tuning's 0.3
+    other = "ds_configs/zero3_cpu_bf16.json"
+    assert residual_config("--residual_ds_config", other) == other
     with pytest.raises(sweep.UsageError, match="--residual_ds_config nope.json: file not found"):
         residual_config("--residual_ds_config", "nope.json")
 
