@@ -75,7 +75,7 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
     rows = {r["method"]: r for r in csv.DictReader((out / "quality.csv").open())}
     assert set(rows) == {"prompt", "deep", "residual", "full"}
     D, layers = 32, 2 + 2  # the tiny test model: d_model 32, 2 encoder + 2 decoder layers
-    mlp = D * 512 + 512 + 512 * D + D + 2 * D  # the residual MLP's two linears (default --reparam_dim 512), its LayerNorm
+    mlp = D * 512 + 512 + 512 * D + D + 2 * D  # two linears (--reparam_dim 512 by default), a LayerNorm
     full = json.loads((out / "runs" / "full_-_len0_seed0" / "results.json").read_text())
     expected = {"prompt": 5 * D, "deep": layers * 5 * D, "residual": 5 * D + mlp, "full": full["params_total"]}
     for method, n in expected.items():
