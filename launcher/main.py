@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from softprompt import checkpoint, data, engine, prompt as prompt_lib, tiny, verbalizer
+from softprompt.metrics import balanced_weights
 from softprompt.config import ConfigError, RunConfig
 from softprompt.tokenize import tokenizer_hash
 
@@ -38,6 +39,7 @@ class Validated:
     schedule: object
     checkpoint: Path | None  # to resume from
     init_prompt: object  # (n_tokens, d_model) tensor from --init_prompt, or None
+    class_weights: list[float] | None  # per class, from --class_weights balanced
 
 
 def validate(cfg: RunConfig) -> Validated:
@@ -63,8 +65,11 @@ def validate(cfg: RunConfig) -> Validated:
     init = None
     if cfg.train.init_prompt:
         init = load_init_prompt(cfg, model_config, splits.label_names, tokenizer_hash(tokenizer))
+    weights = None
+    if cfg.train.class_weights == "balanced":
+        weights = balanced_weights(splits.train["label"], splits.label_names)
     return Validated(ds_config, sizes, model_path, model_config, tokenizer, splits, pieces, schedule,
-                     resume_from, init)
+                     resume_from, init, weights)
 
 
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str):
@@ -95,7 +100,8 @@ def summary(cfg: RunConfig, v: Validated) -> str:
         f"batch: global {v.sizes.global_batch} = micro {v.sizes.micro_batch} x accum {v.sizes.grad_accum} x "
         f"world {v.sizes.world_size}; ZeRO stage {engine.zero_stage(v.ds_config)}",
         f"schedule: {v.schedule.total_steps} steps ({v.schedule.steps_per_epoch}/epoch), "
-        f"dev eval at {len(v.schedule.eval_steps)} steps",
+        f"dev eval at {len(v.schedule.eval_steps)} steps, best by {cfg.train.select_metric}"
+        + (f"; class weights {[round(w, 3) for w in v.class_weights]}" if v.class_weights else ""),
     ])
 
 
@@ -189,6 +195,7 @@ def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: in
         **counts,
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
+        "class_weights": v.class_weights,
         "steps": v.schedule.total_steps,
         "best_step": result["best_step"],
         "dev": result["dev"],
@@ -240,6 +247,7 @@ def run(cfg: RunConfig) -> int:
     from softprompt.tracking import Tracker, WandbSettings
 
     tracker = None
+    finished = False
     preemption = trainer.Preemption()  # before the slow build: a signal during it is not lost
     rank, world = engine.init_distributed()
     try:
@@ -262,8 +270,9 @@ def run(cfg: RunConfig) -> int:
                                        values, prompt_meta(cfg, v), cfg.train.keep_checkpoints, rank)
 
         result = trainer.train(eng, v.splits, v.sizes, v.schedule, cfg, tracker, v.tokenizer.pad_token_id,
-                               rank, engine.device(), state, save, preemption)
+                               rank, engine.device(), state, save, preemption, v.class_weights)
         if result["preempted"]:
+            finished = True  # every rank stops here together, after the checkpoint's barriers
             return checkpoint.EXIT_REQUEUE
         # Summed over ranks (collective): what the optimizer holds once its state exists.
         counts["optimizer_state_numel"] = int(all_reduce_sum(torch.tensor(engine.optimizer_state_numel(eng))))
@@ -271,10 +280,11 @@ def run(cfg: RunConfig) -> int:
             outputs(cfg, v, result, time.perf_counter() - t0, world, counts)
             tracker.print(f"wrote {cfg.train.output_dir}/results.json"
                           + (" and prompt.safetensors" if result["prompt"] is not None else ""))
+        finished = True
     finally:
         if tracker is not None:
             tracker.close()
-        engine.close_distributed()
+        engine.close_distributed(synchronize=finished)
     return 0
 
 

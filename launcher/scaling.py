@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,12 +26,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,6 +50,8 @@ def ds_config(base: dict, micro_batch: int) -> dict:
 
 
 def launch(ranks: int, config: Path, out: Path, args, train_args: list[str]) -> None:
+    from softprompt.engine import free_port  # imports torch: not at module level, for a fast --help
+
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(free_port()), str(ROOT / "train.py"),
            f"--model={args.model}", f"--ds_config={config}", f"--output_dir={out}",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 WANDB_MODES = ("online", "offline", "disabled")
 PROMPT_DEPTHS = ("input", "encoder", "all")
+SELECT_METRICS = ("accuracy", "macro_f1")
 
 
 class ConfigError(ValueError):
@@ -148,6 +149,15 @@ class TrainConfig:
     log_every: int = _help("log train metrics every N steps", default=10)
     eval_batch_size: int = _help("per-rank batch size for evaluation", default=64)
     seed: int = _help("seed for prompt init and data order", default=0)
+    class_weights: str = _help(
+        "'none', or 'balanced': each example's loss is weighted by N / (C x its class's count in train), "
+        "so rare classes count as much as common ones (for macro-F1 on imbalanced data)",
+        default="none",
+    )
+    select_metric: str = _help(
+        "the dev metric that picks the best step (the prompt saved and scored on test): accuracy or macro_f1",
+        default="accuracy",
+    )
     quiet: bool = _help("no progress bar (batch jobs)", default=False)
     save_every: int = _help(
         "write a resumable checkpoint (prompt + optimizer + data position + RNG; never the frozen "
@@ -200,6 +210,10 @@ class TrainConfig:
             raise ConfigError("--log_every must be >= 1")
         if self.eval_batch_size <= 0:
             raise ConfigError(f"--eval_batch_size must be > 0, got {self.eval_batch_size}")
+        if self.class_weights not in ("none", "balanced"):
+            raise ConfigError(f"--class_weights must be none or balanced, got {self.class_weights!r}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"--peak_tflops must be > 0, got {self.peak_tflops}")
         self._check_wandb()

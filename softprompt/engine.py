@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,16 +104,29 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def free_port() -> int:
+    """A free TCP port for a rendezvous (--master_port), from 10000-19999: below the kernel's ephemeral
+    range, where any outgoing connection (gloo opens many) can take a port between this pick and the
+    launcher's bind (seen in CI: EADDRINUSE), and below slurm/train.sbatch's 20000 + job id."""
+    rng = random.Random()  # seeded from the OS: not the global RNG, which seeded runs would share
+    for _ in range(200):
+        port = rng.randrange(10000, 20000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free TCP port in 10000-19999")
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group started by a launcher, or start a 1-process group for `python train.py`."""
     import deepspeed
 
     if "RANK" not in os.environ:
-        with socket.socket() as s:  # a free port for the single-process group
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (minutes on 2 cores) and leaves
     # a 69 MB /dev/shm buffer per rank behind after every run (never unlinked; see DeepSpeed PR #4115). ZeRO-3
     # moves the prompt's gradients with reduce-scatter/all-gather, which that op does not serve: use plain gloo.
@@ -127,10 +141,15 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def close_distributed() -> None:
+def close_distributed(synchronize: bool = False) -> None:
+    """`synchronize`: every rank got here (a clean finish), so wait for all before tearing gloo down: a rank
+    that destroys its group while rank 0 still writes the outputs was seen to abort at exit ("terminate
+    called without an active exception", SIGABRT). Not after an error: the others may be in another collective."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

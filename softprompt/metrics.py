@@ -12,6 +12,14 @@ def confusion(labels: torch.Tensor, preds: torch.Tensor, n_classes: int) -> torc
     return torch.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def balanced_weights(labels: list[int], label_names: list[str]) -> list[float]:
+    """Per class N / (C x count): every class's examples weigh N / C in all (sklearn's "balanced")."""
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=len(label_names))
+    if missing := [name for name, n in zip(label_names, counts.tolist()) if n == 0]:
+        raise ValueError(f"--class_weights balanced: class(es) {missing} have no training example")
+    return (len(labels) / (len(label_names) * counts.double())).tolist()
+
+
 def from_confusion(cm: torch.Tensor, label_names: list[str]) -> dict:
     """accuracy, macro-F1, per-class F1, the confusion matrix and predicted-label counts."""
     cm = cm.double()

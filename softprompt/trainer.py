@@ -106,19 +106,22 @@ def prompt_norm(prompt) -> float:
 
 def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: Tracker, pad_id: int,
           rank: int, device, state: dict | None = None, save: Callable[[int, dict], None] | None = None,
-          preemption: Preemption | None = None) -> dict:
+          preemption: Preemption | None = None, class_weights: list[float] | None = None) -> dict:
     """Train, evaluate on dev per `schedule`, then score the best-dev prompt on test.
 
     With --tune full there is no prompt to keep: test is scored at every dev evaluation instead,
     and the best dev step's is reported. `state` is a checkpoint's trainer state to continue from;
     `save(step, state)` writes one (every --save_every steps, and when a preemption is requested:
-    then the run returns early with `preempted` set).
+    then the run returns early with `preempted` set). `class_weights` (per class) weight the loss;
+    --select_metric names the dev metric that picks the best step.
     """
     prompt = engine.module.prompt  # None: full fine-tuning without a prompt
     keep_prompt = cfg.model.tune == "prompt"
     n_prompt = prompt.n_tokens if prompt is not None else 0
     labels = splits.label_names
     best = {"step": 0, "metrics": None, "state": None, "test": None}
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    select = cfg.train.select_metric
     window = torch.zeros(3, dtype=torch.float64)  # loss x examples, examples, tokens since last log
     # Stability guards: dev evals whose predictions collapsed onto one class, and the prompt norm
     # against its initial value (a runaway norm preceded the collapse of published mT5 runs).
@@ -137,7 +140,7 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
         for idx in micro_batches(order, step_in_epoch, sizes, rank):
             batch = collate(rows(splits.train, idx), pad_id).to(device)
             scores = engine(batch.input_ids, batch.attention_mask)  # (B, C)
-            loss = verbalizer.loss(scores, batch.labels)
+            loss = verbalizer.loss(scores, batch.labels, weight)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             B = len(batch)
@@ -187,7 +190,7 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
                 guards["collapsed_steps"].append(step)
                 tracker.print(f"warning: step {step}: {COLLAPSE_SHARE:.0%} or more of the dev predictions "
                               f"are one class {dev['pred_counts']}")
-            if best["metrics"] is None or dev["accuracy"] > best["metrics"]["accuracy"]:
+            if best["metrics"] is None or dev[select] > best["metrics"][select]:
                 best = {"step": step, "metrics": dev, "test": None,
                         "state": read_state(prompt) if keep_prompt else None}
                 if not keep_prompt and splits.test is not None:  # no prompt to restore later: score test now

@@ -102,8 +102,11 @@ def scores_from_logits(logits: torch.Tensor, pieces: Sequence[Sequence[int]]) ->
     return torch.stack([logits[:, list(p)].float().mean(-1) for p in pieces], dim=-1)
 
 
-def loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(scores, labels)
+def loss(scores: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy; with `weight` (C,), example i's term is scaled by weight[label_i]. A plain
+    mean, not PyTorch's weight-normalised one, so micro-batches and ranks still average to the
+    global batch's loss."""
+    return F.cross_entropy(scores, labels, weight=weight, reduction="none").mean()
 
 
 def predict(scores: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,10 @@ def breaks(case, d: Path, tmp_path, model_dir):
         args[3] = str(tmp_path / "no-such-model")
     elif case == "fp16":
         args[5] = write_ds(tmp_path, fp16={"enabled": True})
+    elif case == "class_weights":
+        args += ["--class_weights", "inverse"]
+    elif case == "select_metric":
+        args += ["--select_metric", "f1"]
     elif case == "batch triple":
         args[5] = write_ds(tmp_path, train_micro_batch_size_per_gpu=3)
     return args
@@ -97,6 +101,8 @@ CASES = {
     "unknown model": r"--model .*no-such-model: no such model directory",
     "fp16": r"fp16",
     "batch triple": r"train_batch_size 4 is not divisible by train_micro_batch_size_per_gpu 3",
+    "class_weights": r"--class_weights must be none or balanced, got 'inverse'",
+    "select_metric": r"--select_metric must be one of accuracy, macro_f1, got 'f1'",
 }
 
 

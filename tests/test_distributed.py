@@ -2,22 +2,17 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from softprompt.engine import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 P = 4  # prompt tokens
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ds_config(tmp_path, stage: int) -> str:
@@ -59,14 +54,19 @@ def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+# Class-weighted: the weights make the loss's normalisation matter, which a split into ranks and
+# micro-batches must not change.
+WEIGHTED = {"class_weights": "balanced", "select_metric": "macro_f1"}
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     one = tmp / "one_rank_no_zero"
     two = tmp / "two_rank_zero3"
     (tmp / "started").touch()  # for test_leaves_no_shared_memory_behind
-    run([sys.executable, "train.py", *train_args(tiny_model_dir, ds_config(tmp, 0), one)])
-    deepspeed("train.py", *train_args(tiny_model_dir, ds_config(tmp, 3), two))
+    run([sys.executable, "train.py", *train_args(tiny_model_dir, ds_config(tmp, 0), one, **WEIGHTED)])
+    deepspeed("train.py", *train_args(tiny_model_dir, ds_config(tmp, 3), two, **WEIGHTED))
     return one, two
 
 
@@ -100,7 +100,18 @@ def test_outputs_written_by_rank_zero(runs):
     assert results["ds_config"]["zero_optimization"]["stage"] == 3
     assert results["label_names"] == ["0", "1", "2"] and results["verbalizer_ids"] == [[3], [4], [5]]
     assert results["test"]["n"] == 999 and 0 <= results["test"]["accuracy"] <= 1
-    assert results["best_step"] in (3, 6)
+    # Balanced weights by hand: N / (C x count) from inews train's labels.
+    from softprompt.config import DataConfig
+    from softprompt.data import load_splits
+
+    train = load_splits(DataConfig(dataset="inews", inews_content_chars=0)).train["label"]
+    counts = [train.count(c) for c in range(3)]
+    assert results["class_weights"] == pytest.approx([len(train) / (3 * n) for n in counts])
+    assert results["class_weights"][0] > 2 > 1 > results["class_weights"][1]  # class 0 is rare
+    # The best step is the dev eval with the highest macro-F1 (the first of ties), not accuracy.
+    evals = [r for r in read_metrics(two) if "eval/macro_f1" in r]
+    assert results["best_step"] == max(evals, key=lambda r: r["eval/macro_f1"])["step"]
+    assert results["dev"]["macro_f1"] == max(r["eval/macro_f1"] for r in evals)
     meta = json.loads((two / "prompt.json").read_text())
     assert (meta["n_tokens"], meta["d_model"], meta["init"]) == (P, 32, "vocab")
     assert meta["label_names"] == ["0", "1", "2"] and len(meta["tokenizer_hash"]) == 16

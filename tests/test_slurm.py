@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from softprompt.engine import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["slurm/train.sbatch", "slurm/sweep.sbatch", "slurm/env.example.sh", "slurm/ci/install_slurm.sh"]
 TOOLS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "shellcheck"]
@@ -37,12 +39,6 @@ def ensure_tools() -> None:
         subprocess.run(["bash", str(ROOT / "slurm/ci/install_slurm.sh")], capture_output=True)
     if missing := [t for t in TOOLS if shutil.which(t) is None]:
         pytest.fail(f"{missing} not installed and slurm/ci/install_slurm.sh could not install them (needs root)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check, timeout: float, interval: float = 0.2):
@@ -249,6 +245,10 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, started):
     def old_instance_gone():
         return subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 1
     wait_for("the old instance's slurmstepd to exit", old_instance_gone, 120)
+    # slurmd revokes the old credential at the requeue's second and refuses any credential made in that
+    # same second ("ctime <= revoked", whole seconds: "Job credential revoked"); real Slurm's 2-minute
+    # hold avoids it, so the test must start the new instance in a later second.
+    time.sleep(2)
     # Slurm holds a requeued job for 2 minutes (EligibleTime); release it now.
     slurm("scontrol", "update", f"JobId={job}", "StartTime=now", env=cluster)
     [record] = wait_job(job, cluster, timeout=180)

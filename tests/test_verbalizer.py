@@ -53,3 +53,17 @@ def test_loss_and_predict():
     assert verbalizer.predict(scores).tolist() == [0, 2]
     expected = -torch.log_softmax(scores, -1)[[0, 1], [0, 2]].mean()
     assert torch.allclose(verbalizer.loss(scores, labels), expected)
+
+
+def test_weighted_loss_by_hand_and_split_into_micro_batches():
+    torch.manual_seed(0)
+    scores, labels = torch.randn(8, 3), torch.tensor([0, 1, 1, 2, 1, 0, 2, 1])
+    weight = torch.tensor([3.0, 0.5, 1.0])
+    nll = -torch.log_softmax(scores, -1)[torch.arange(8), labels]
+    expected = sum(weight[y] * n for y, n in zip(labels.tolist(), nll)) / 8  # divided by 8, not by sum(w)
+    whole = verbalizer.loss(scores, labels, weight)
+    assert torch.allclose(whole, expected)
+    # The trainer averages micro-batch (and rank) losses: halves must average to the whole batch's.
+    halves = [verbalizer.loss(scores[i:i + 4], labels[i:i + 4], weight) for i in (0, 4)]
+    assert torch.allclose((halves[0] + halves[1]) / 2, whole)
+    assert torch.allclose(verbalizer.loss(scores, labels, torch.ones(3)), verbalizer.loss(scores, labels))
