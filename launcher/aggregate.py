@@ -32,7 +32,7 @@ def load_task(task: dict) -> dict | None:
     except FileNotFoundError:
         return None
     row = {f"{s}_{m}": results[s][m] for s, m in METRICS}
-    row.update({k: results.get(k) for k in ("params_trainable", "optimizer_state_numel")})
+    row.update({k: results.get(k) for k in ("params_trainable", "optimizer_state_numel", "tokenizer_hash")})
     speeds = []
     if (out / "metrics.jsonl").exists():
         records = (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line)

@@ -195,6 +195,7 @@ def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: in
         **counts,
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
+        "tokenizer_hash": tokenizer_hash(v.tokenizer),  # "tiny" trains its own: differs across sentencepiece versions
         "class_weights": v.class_weights,
         "steps": v.schedule.total_steps,
         "best_step": result["best_step"],

@@ -121,7 +121,17 @@ def label(r: dict) -> str:
     return f"{r['method']} ({r['init']} init, {r['prompt_length']} tokens)"
 
 
-def to_markdown(rows: list[dict], base: dict, missing: list[tuple[int, dict]]) -> str:
+def tokenizer_warning(finished: list[dict | None]) -> str | None:
+    """A warning when the finished runs saw more than one tokenizer: the same --model "tiny" built under
+    another sentencepiece version has another vocabulary, so its rows are not on the same model. Pure."""
+    hashes = sorted({r["tokenizer_hash"] for r in finished if r is not None and r.get("tokenizer_hash")})
+    if len(hashes) < 2:
+        return None
+    return (f"Warning: these runs used {len(hashes)} different tokenizers ({', '.join(hashes)}): rows are not all "
+            "on the same model and data.")
+
+
+def to_markdown(rows: list[dict], base: dict, missing: list[tuple[int, dict]], warning: str | None = None) -> str:
     head = ["method", "seeds", "test accuracy", "test macro-F1", "dev accuracy", "vs full FT", "tokens/s",
             "trainable params", "optimizer state"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
@@ -137,7 +147,7 @@ def to_markdown(rows: list[dict], base: dict, missing: list[tuple[int, dict]]) -
             num(r["vs_full"], ".1%"), num(r["tokens_per_s"], ".0f"), num(r["params_trainable"], ",.0f"),
             num(r["optimizer_state_numel"], ",.0f")]) + " |")
     text = ("Mean ± sample std over finished seeds; test = the best dev step's. Optimizer state: elements "
-            "summed over ranks.\n\n" + "\n".join(lines) + "\n")
+            "summed over ranks.\n\n" + (f"**{warning}**\n\n" if warning else "") + "\n".join(lines) + "\n")
     if effects := init_effects(rows):
         text += "\nInit against random init (test accuracy):\n\n" + "\n".join(effects) + "\n"
     best = best_prompt_method(rows)
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = [aggregate.load_task(t) for t in tasks]
     rows = summarize(tasks, finished)
     missing = [(i, t) for i, (t, r) in enumerate(zip(tasks, finished)) if r is None]
-    text = to_markdown(rows, base, missing)
+    text = to_markdown(rows, base, missing, tokenizer_warning(finished))
     atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(text))
     atomic_write(out / "quality.csv", lambda tmp: Path(tmp).write_text(to_csv(rows)))
     plot(rows, base, out / "quality.png")

@@ -91,9 +91,26 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
     share = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
     assert f"| majority class" in text and f"{share:.4f}" in text
     assert "Best prompt-only method:" in text and (out / "quality.png").stat().st_size > 1000
+    assert "different tokenizers" not in text  # one model, one tokenizer
+    prompt_json = json.loads((out / "runs" / "prompt_random_len5_seed0" / "prompt.json").read_text())
+    assert full["tokenizer_hash"] == prompt_json["tokenizer_hash"] and len(full["tokenizer_hash"]) == 16
     # A larger grid over the same OUT: finished runs are reused, the rest reported missing, nothing runs.
     assert quality.main(["--out", str(out), "--seeds", "0,1", "--lengths", "5", "--inits", "random",
                          "--method_length", "5", "--report_only", "--", *train]) == 0
     text = (out / "quality.md").read_text()
     assert "| 1/2 |" in text and "Missing or failed runs (4)" in text and "prompt_random_len5_seed1" in text
     assert not (out / "runs" / "prompt_random_len5_seed1").exists()
+
+
+def test_rows_from_different_tokenizers_are_flagged():
+    """`--model tiny` trains its vocabulary: another sentencepiece version gives another model (seen: 0.2.2
+    against 0.2.3), so a table mixing them must say so."""
+    same = [{**row(0.5), "tokenizer_hash": "aaaa"}, None, {**row(0.6), "tokenizer_hash": "aaaa"}, row(0.7)]
+    assert quality.tokenizer_warning(same) is None  # row(0.7): an older results.json without the hash
+    mixed = same + [{**row(0.6), "tokenizer_hash": "bbbb"}]
+    assert quality.tokenizer_warning(mixed) == ("Warning: these runs used 2 different tokenizers (aaaa, bbbb): rows "
+                                                "are not all on the same model and data.")
+    tasks = [{"method": "prompt", "init": "random", "prompt_length": 5}] * len(mixed)
+    base = {"label": "1", "test_accuracy": 0.5, "test_macro_f1": 0.2}
+    text = quality.to_markdown(quality.summarize(tasks, mixed), base, [], quality.tokenizer_warning(mixed))
+    assert "**Warning: these runs used 2 different tokenizers" in text
