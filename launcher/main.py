@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from softprompt import checkpoint, data, engine, prompt as prompt_lib, tiny, verbalizer
-from softprompt.metrics import balanced_weights
 from softprompt.config import ConfigError, RunConfig
+from softprompt.metrics import balanced_weights
 from softprompt.tokenize import tokenizer_hash
 
 from . import cli

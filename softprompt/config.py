@@ -213,7 +213,8 @@ class TrainConfig:
         if self.class_weights not in ("none", "balanced"):
             raise ConfigError(f"--class_weights must be none or balanced, got {self.class_weights!r}")
         if self.select_metric not in SELECT_METRICS:
-            raise ConfigError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
+            raise ConfigError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, "
+                              f"got {self.select_metric!r}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"--peak_tflops must be > 0, got {self.peak_tflops}")
         self._check_wandb()

@@ -107,7 +107,7 @@ def world_size_from_env() -> int:
 def free_port() -> int:
     """A free TCP port for a rendezvous (--master_port), from 10000-19999: below the kernel's ephemeral
     range, where any outgoing connection (gloo opens many) can take a port between this pick and the
-    launcher's bind (seen in CI: EADDRINUSE), and below slurm/train.sbatch's 20000 + job id."""
+    launcher's bind (seen in the tests: EADDRINUSE), and below slurm/train.sbatch's 20000 + job id."""
     rng = random.Random()  # seeded from the OS: not the global RNG, which seeded runs would share
     for _ in range(200):
         port = rng.randrange(10000, 20000)
