@@ -40,6 +40,7 @@ class Validated:
     checkpoint: Path | None  # to resume from
     init_prompt: object  # (n_tokens, d_model) tensor from --init_prompt, or None
     class_weights: list[float] | None  # per class, from --class_weights balanced
+    tokenizer_hash: str  # "tiny" trains its own tokenizer: it differs across sentencepiece versions
 
 
 def validate(cfg: RunConfig) -> Validated:
@@ -63,13 +64,14 @@ def validate(cfg: RunConfig) -> Validated:
         raise ConfigError(str(e)) from None
     resume_from = checkpoint.find_checkpoint(cfg.train.output_dir, cfg.train.resume)
     init = None
+    tok_hash = tokenizer_hash(tokenizer)  # once: it serializes the whole vocabulary
     if cfg.train.init_prompt:
-        init = load_init_prompt(cfg, model_config, splits.label_names, tokenizer_hash(tokenizer))
+        init = load_init_prompt(cfg, model_config, splits.label_names, tok_hash)
     weights = None
     if cfg.train.class_weights == "balanced":
         weights = balanced_weights(splits.train["label"], splits.label_names)
     return Validated(ds_config, sizes, model_path, model_config, tokenizer, splits, pieces, schedule,
-                     resume_from, init, weights)
+                     resume_from, init, weights, tok_hash)
 
 
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str):
@@ -165,7 +167,7 @@ def prompt_meta(cfg: RunConfig, v: Validated) -> dict:
         "depth": cfg.model.prompt_depth,
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
-        "tokenizer_hash": tokenizer_hash(v.tokenizer),
+        "tokenizer_hash": v.tokenizer_hash,
         "max_length": cfg.data.max_length,
     }
 
@@ -195,7 +197,7 @@ def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: in
         **counts,
         "label_names": v.splits.label_names,
         "verbalizer_ids": v.pieces,
-        "tokenizer_hash": tokenizer_hash(v.tokenizer),  # "tiny" trains its own: differs across sentencepiece versions
+        "tokenizer_hash": v.tokenizer_hash,
         "class_weights": v.class_weights,
         "steps": v.schedule.total_steps,
         "best_step": result["best_step"],
