@@ -3,7 +3,7 @@
     python -m launcher.quality --out runs/quality -- --epochs 3           # the full form (hours on 2 CPU cores)
     python -m launcher.quality --out runs/q --seeds 0 --lengths 5 --inits random -- --max_steps 3   # CI-sized
 
-For every seed it runs, here and one after another (finished runs are skipped, so a rerun resumes
+For every seed it runs, here and --jobs at a time (finished runs are skipped, so a rerun resumes
 and a later grid over the same OUT reuses them):
 - prompt tuning (Lester et al.) at each --lengths x --inits,
 - deep prompts (`--prompt_depth all`) and residual prompts (`--reparam residual`) at --method_length,
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "LayerNorm gain grows 0.3 a step and the prompt runs away)")
     p.add_argument("--full_ds_config", default="ds_configs/zero3_cpu_bf16_full.json",
                    help="DeepSpeed JSON of full fine-tuning (AdamW lr 5e-4: every weight trains)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each with the cores split as torch threads, output in OUT/logs/ "
+                        "(default 1: one after another, output here)")
     p.add_argument("--dry_run", action="store_true", help="write quality.json and print the commands, run nothing")
     p.add_argument("--report_only", action="store_true",
                    help="run nothing: write the table and plot from the runs that finished (the rest listed as missing)")
@@ -227,8 +230,8 @@ def parse(argv: list[str]):
     methods = sweep.choices("--methods", args.methods, METHODS, "method")
     inits = sweep.choices("--inits", args.inits, sweep.INITS, "init")
     lengths = sweep._list("--lengths", args.lengths, int)
-    if min(lengths) <= 0 or args.method_length <= 0:
-        raise sweep.UsageError("--lengths and --method_length must be > 0")
+    if min(lengths) <= 0 or args.method_length <= 0 or args.jobs <= 0:
+        raise sweep.UsageError("--lengths, --method_length and --jobs must be > 0")
     if clash := [a for a in extra if a.split("=")[0] in OWN_FLAGS]:
         raise sweep.UsageError(f"{clash[0].split('=')[0]} is set by the benchmark; remove it after --")
     ds_configs = {"prompt": args.prompt_ds_config, "residual": args.residual_ds_config, "deep": args.deep_ds_config,
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     write_json(out / "quality.json", {"tasks": tasks})
     print(f"{out / 'quality.json'}: {len(tasks)} runs")
-    failed = 0 if args.report_only else sweep.run_local(tasks, args.dry_run)
+    failed = 0 if args.report_only else sweep.run_local(tasks, args.dry_run, args.jobs, out / "logs")
     if args.dry_run:
         return 0
     base = majority(run_cfg.data)

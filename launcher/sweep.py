@@ -5,7 +5,7 @@
 
 writes runs/sweep/sweep.json (one entry per task: its grid point, output dir and train.py args) and
 submits ONE Slurm job array, `sbatch --array=0-(N-1)%K slurm/sweep.sbatch runs/sweep/sweep.json`,
-whose task i runs entry i. `--local` runs the same entries one after another without Slurm.
+whose task i runs entry i. `--local` runs the same entries here without Slurm, `--jobs` at a time.
 `python -m launcher.aggregate runs/sweep` then summarizes and plots them.
 """
 
@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most K array tasks running at once (0 = no limit)")
     p.add_argument("--dry_run", action="store_true", help="write sweep.json and print the command, submit nothing")
     p.add_argument("--local", action="store_true",
-                   help="run the tasks here, one after another, without Slurm (finished tasks are skipped)")
+                   help="run the tasks here without Slurm, --jobs at a time (finished tasks are skipped)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with --local: tasks at once, each with the cores split as torch threads, output in "
+                        "OUT/logs/ (default 1: one after another, output here)")
     return p
 
 
@@ -102,6 +106,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[dict]]:
     lengths = _list("--lengths", args.lengths, int)
     if min(lengths) <= 0:
         raise UsageError(f"--lengths must be > 0, got {args.lengths}")
+    if args.jobs < 1 or (args.jobs > 1 and not args.local):
+        raise UsageError(f"--jobs must be >= 1 and is for --local runs, got --jobs {args.jobs}")
     if args.max_concurrent < 0:
         raise UsageError(f"--max_concurrent must be >= 0, got {args.max_concurrent}")
     if clash := [a for a in extra if a.split("=")[0] in GRID_FLAGS]:
@@ -118,23 +124,50 @@ def sbatch_command(sweep_json: Path, n_tasks: int, max_concurrent: int) -> list[
             f"--output={logs}/%A_%a.out", str(ROOT / "slurm" / "sweep.sbatch"), str(sweep_json)]
 
 
-def run_local(tasks: list[dict], dry_run: bool) -> int:
+def run_local(tasks: list[dict], dry_run: bool, jobs: int = 1, log_dir: Path | None = None) -> int:
+    """Run the tasks here, `jobs` at a time, skipping finished ones; 1 if any failed. With jobs > 1 each
+    task writes its output to log_dir/<run name>.log and gets the cores split `jobs` ways as torch threads
+    (OMP_NUM_THREADS, unless set): the tiny model barely uses a second thread, so on 2 cores two 1-thread
+    runs at once did 1.56x the work of one 2-thread run (60 steps of 20-token prompt tuning)."""
     from .aggregate import describe
 
-    failed = []
+    todo = []
     for i, task in enumerate(tasks):
         cmd = [sys.executable, "train.py", *task["args"], "--output_dir", task["output_dir"]]
         if dry_run:
             print(" ".join(cmd))
-            continue
-        if (Path(task["output_dir"]) / "results.json").exists():
+        elif (Path(task["output_dir"]) / "results.json").exists():
             print(f"task {i}: done already ({task['output_dir']})")
-            continue
-        print(f"task {i}/{len(tasks)}: {describe(task)}", flush=True)
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            failed.append(i)
+        else:
+            todo.append((i, task, cmd))
+    env = None
+    if jobs > 1:
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // jobs)))
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        log_dir.mkdir(parents=True, exist_ok=True)
+    failed, running = [], {}  # running: Popen -> (task index, its log file or None)
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                i, task, cmd = todo.pop(0)
+                log = log_dir / f"{Path(task['output_dir']).name}.log" if jobs > 1 else None
+                print(f"task {i}/{len(tasks)}: {describe(task)}" + (f" (output: {log})" if log else ""), flush=True)
+                out = log.open("w") if log else None
+                running[subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)] = (i, out)
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                i, out = running.pop(proc)
+                if out:
+                    out.close()
+                if proc.returncode != 0:
+                    failed.append(i)
+                    print(f"task {i} failed (exit {proc.returncode})", file=sys.stderr, flush=True)
+    finally:  # Ctrl-C or an error here: stop what still runs
+        for proc in running:
+            proc.terminate()
+            proc.wait()
     if failed:
-        print(f"error: {len(failed)} of {len(tasks)} tasks failed: {failed}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(tasks)} tasks failed: {sorted(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -151,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(sweep_json, {"tasks": tasks})
     print(f"{sweep_json}: {len(tasks)} tasks")
     if args.local:
-        return run_local(tasks, args.dry_run)
+        return run_local(tasks, args.dry_run, args.jobs, out / "logs")
 
     cmd = sbatch_command(sweep_json, len(tasks), args.max_concurrent)
     if args.dry_run:

@@ -64,14 +64,15 @@ def test_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """Every method for 3 steps on inews, one seed: the table, CSV and plot, with parameter and
-    optimizer-state counts checked by hand."""
+    """Every method for 3 steps on inews, one seed, two runs at a time: the table, CSV and plot, with
+    parameter and optimizer-state counts checked by hand."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     out = tmp_path / "q"
     train = ["--model", str(tiny_model_dir), "--dataset", "inews", "--inews_content_chars", "0",
              "--max_length", "24", "--max_steps", "3", "--eval_every", "3", "--log_every", "1"]
     assert quality.main(["--out", str(out), "--seeds", "0", "--lengths", "5", "--inits", "random",
-                         "--method_length", "5", "--", *train]) == 0
+                         "--method_length", "5", "--jobs", "2", "--", *train]) == 0
+    assert len(list((out / "logs").glob("*_seed0.log"))) == 4  # --jobs 2: each run's output in its own log
     rows = {r["method"]: r for r in csv.DictReader((out / "quality.csv").open())}
     assert set(rows) == {"prompt", "deep", "residual", "full"}
     D, layers = 32, 2 + 2  # the tiny test model: d_model 32, 2 encoder + 2 decoder layers

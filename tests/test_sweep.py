@@ -46,6 +46,8 @@ def test_dry_run_writes_sweep_json_and_prints_one_array(tmp_path, capsys):
     (["--lengths", "1", "--seeds", "0", "--models", "tiny", "--inits", "random,zeros"], "unknown init 'zeros'"),
     (["--lengths", "1", "--seeds", "0", "--models", "tiny", "--", "--seed", "3"], "--seed is set by the sweep"),
     (["--lengths", "1", "--seeds", "0"], "required: --models"),
+    (["--lengths", "1", "--seeds", "0", "--models", "tiny", "--jobs", "2"], "is for --local runs"),
+    (["--lengths", "1", "--seeds", "0", "--models", "tiny", "--local", "--jobs", "0"], "--jobs must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "sw"
@@ -53,6 +55,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_local_runs_skip_finished_tasks_and_report_failed_ones(tmp_path, capfd, jobs):
+    """train.py rejects the flag in 3 s; with --jobs 2 each task's output goes to its own log."""
+    tasks = [{"model": "tiny", "init": "random", "prompt_length": 1, "seed": s, "args": ["--no_such_flag"],
+              "output_dir": str(tmp_path / "runs" / f"run{s}")} for s in range(4)]
+    (tmp_path / "runs" / "run2").mkdir(parents=True)
+    (tmp_path / "runs" / "run2" / "results.json").write_text("{}")
+    assert sweep.run_local(tasks, False, jobs, tmp_path / "logs") == 1
+    out, err = capfd.readouterr()
+    assert "task 2: done already" in out and "error: 3 of 4 tasks failed: [0, 1, 3]" in err
+    logs = sorted(tmp_path.glob("logs/*.log"))
+    if jobs == 1:
+        assert err.count("unrecognized arguments: --no_such_flag") == 3 and not logs
+    else:
+        assert [p.name for p in logs] == ["run0.log", "run1.log", "run3.log"]
+        assert all("unrecognized arguments: --no_such_flag" in p.read_text() for p in logs)
 
 
 @pytest.mark.parametrize("module", ["launcher.sweep", "launcher.aggregate"])
