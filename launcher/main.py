@@ -134,7 +134,7 @@ def build(cfg: RunConfig, v: Validated):
         head = verbalizer.class_head(mt5.lm_head.weight.detach(), v.pieces)  # (C, D), a copy
     special = set(v.tokenizer.all_special_ids)
     frequent = (prompt_lib.most_frequent_ids(v.splits.train["input_ids"], special)
-                if cfg.model.prompt_init == "vocab" else ())
+                if cfg.model.prompt_init in ("vocab", "labels") else ())
     m = cfg.model
     prompt = None
     if m.prompt_length:

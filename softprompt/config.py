@@ -92,7 +92,7 @@ class ModelConfig:
     )
     prompt_init: str = _help(
         "prompt init: random (uniform +-0.5), vocab (embeddings of tokens sampled from the 5,000 "
-        "most frequent in the training text) or labels (label-word embeddings, cycled)",
+        "most frequent in the training text) or labels (label-word embeddings, then vocab rows past the last class)",
         default="random",
     )
     verbalizer_ids: str | None = _help(

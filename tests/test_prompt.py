@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -30,13 +31,17 @@ def test_vocab_init_samples_frequent_rows():
     assert len(more) == 30 and all(r[0] in frequent for r in more)  # with replacement past 20
 
 
-def test_labels_init_cycles_and_averages_pieces():
+def test_labels_init_averages_pieces_then_samples_vocab():
     emb = nn.Embedding(100, 8)
-    pieces = [[3], [4, 9], [5]]
-    p = prompt.init_prompt("labels", 5, emb, seed=0, label_pieces=pieces)
+    pieces, frequent = [[3], [4, 9], [5]], list(range(40, 60))
+    p = prompt.init_prompt("labels", 6, emb, seed=0, frequent_ids=frequent, label_pieces=pieces)
     w = emb.weight.detach()
-    expected = [w[3], (w[4] + w[9]) / 2, w[5], w[3], (w[4] + w[9]) / 2]
-    assert torch.allclose(p, torch.stack(expected))
+    assert torch.allclose(p[:3], torch.stack([w[3], (w[4] + w[9]) / 2, w[5]]))
+    rest = [int((w == r).all(-1).nonzero()) for r in p[3:]]
+    assert all(r in frequent for r in rest) and len(set(rest)) == 3  # Lester et al.'s fallback: sampled vocab
+    assert torch.allclose(prompt.init_prompt("labels", 2, emb, seed=0, label_pieces=pieces), p[:2])
+    with pytest.raises(ValueError, match="vocab init needs"):
+        prompt.init_prompt("labels", 4, emb, seed=0, label_pieces=pieces)
 
 
 def test_soft_prompt_expands_without_copy():
