@@ -90,6 +90,13 @@ def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_h
     return values
 
 
+def _steps(eval_steps) -> str:
+    """'steps 167, 334, 501', or for many: 'steps 100, 200, ..., 5000 (50 evals)'."""
+    steps = sorted(eval_steps)
+    shown = steps if len(steps) <= 6 else [*steps[:2], "...", steps[-1]]
+    return f"steps {', '.join(map(str, shown))}" + (f" ({len(steps)} evals)" if len(steps) > 6 else "")
+
+
 def summary(cfg: RunConfig, v: Validated) -> str:
     s = v.splits
     sizes = {k: len(getattr(s, k)) for k in ("train", "dev", "test") if getattr(s, k) is not None}
@@ -102,7 +109,7 @@ def summary(cfg: RunConfig, v: Validated) -> str:
         f"batch: global {v.sizes.global_batch} = micro {v.sizes.micro_batch} x accum {v.sizes.grad_accum} x "
         f"world {v.sizes.world_size}; ZeRO stage {engine.zero_stage(v.ds_config)}",
         f"schedule: {v.schedule.total_steps} steps ({v.schedule.steps_per_epoch}/epoch), "
-        f"dev eval at {len(v.schedule.eval_steps)} steps, best by {cfg.train.select_metric}"
+        f"dev eval at {_steps(v.schedule.eval_steps)}; best by {cfg.train.select_metric}"
         + (f"; class weights {[round(w, 3) for w in v.class_weights]}" if v.class_weights else ""),
     ])
 

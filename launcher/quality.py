@@ -6,7 +6,7 @@
 For every seed it runs, here and --jobs at a time (finished runs are skipped, so a rerun resumes
 and a later grid over the same OUT reuses them):
 - prompt tuning (Lester et al.) at each --lengths x --inits,
-- deep prompts (`--prompt_depth all`) and residual prompts (`--reparam residual`) at --method_length,
+- deep prompts (`--prompt_depth all`) and residual prompts (`--reparam residual`) at each --method_lengths,
 - full fine-tuning (`--tune full`),
 each method with its own DeepSpeed JSON (--prompt_ds_config, --deep_ds_config, --residual_ds_config, --full_ds_config:
 the JSON owns the learning rate, and these methods want different ones), then scores the majority
@@ -36,7 +36,7 @@ OWN_FLAGS = ("--prompt_init", "--prompt_length", "--seed", "--output_dir", "--re
              "--prompt_depth", "--reparam")
 
 
-def expand(methods: list[str], lengths: list[int], inits: list[str], method_length: int, seeds: list[int],
+def expand(methods: list[str], lengths: list[int], inits: list[str], method_lengths: list[int], seeds: list[int],
            ds_configs: dict[str, str], out: Path, extra: list[str], model: str = "tiny") -> list[dict]:
     """One task per (method, init, prompt length, seed), seeds innermost; `ds_configs`: method ->
     DeepSpeed JSON. Pure."""
@@ -47,7 +47,7 @@ def expand(methods: list[str], lengths: list[int], inits: list[str], method_leng
         elif method == "full":
             points.append((method, "-", 0))
         else:
-            points.append((method, "random", method_length))
+            points += [(method, "random", length) for length in method_lengths]
     tasks = []
     for method, init, length in points:
         for seed in seeds:
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--lengths", default="1,5,20,100", help="prompt lengths for plain prompt tuning")
     p.add_argument("--inits", default=",".join(sweep.INITS), help="prompt inits for plain prompt tuning")
-    p.add_argument("--method_length", type=int, default=20, help="prompt length of deep and residual prompts")
+    p.add_argument("--method_lengths", default="20,100", help="prompt lengths for deep and residual prompts")
     p.add_argument("--seeds", default="0,1,2", help="seeds")
     p.add_argument("--prompt_ds_config", default="ds_configs/zero3_cpu_bf16.json",
                    help="DeepSpeed JSON of prompt tuning (AdamW lr 0.3)")
@@ -230,8 +230,9 @@ def parse(argv: list[str]):
     methods = sweep.choices("--methods", args.methods, METHODS, "method")
     inits = sweep.choices("--inits", args.inits, sweep.INITS, "init")
     lengths = sweep._list("--lengths", args.lengths, int)
-    if min(lengths) <= 0 or args.method_length <= 0 or args.jobs <= 0:
-        raise sweep.UsageError("--lengths, --method_length and --jobs must be > 0")
+    method_lengths = sweep._list("--method_lengths", args.method_lengths, int)
+    if min(lengths + method_lengths) <= 0 or args.jobs <= 0:
+        raise sweep.UsageError("--lengths, --method_lengths and --jobs must be > 0")
     if clash := [a for a in extra if a.split("=")[0] in OWN_FLAGS]:
         raise sweep.UsageError(f"{clash[0].split('=')[0]} is set by the benchmark; remove it after --")
     ds_configs = {"prompt": args.prompt_ds_config, "residual": args.residual_ds_config, "deep": args.deep_ds_config,
@@ -247,7 +248,7 @@ def parse(argv: list[str]):
     except ConfigError as e:
         raise sweep.UsageError(f"after --: {e}") from None
     out = Path(args.out).resolve()
-    return args, expand(methods, lengths, inits, args.method_length, sweep._list("--seeds", args.seeds, int),
+    return args, expand(methods, lengths, inits, method_lengths, sweep._list("--seeds", args.seeds, int),
                         ds_configs, out, extra, run_cfg.model.model), run_cfg
 
 

@@ -133,7 +133,8 @@ def run_local(tasks: list[dict], dry_run: bool, jobs: int = 1, log_dir: Path | N
 
     todo = []
     for i, task in enumerate(tasks):
-        cmd = [sys.executable, "train.py", *task["args"], "--output_dir", task["output_dir"]]
+        # --resume auto: a run stopped by a signal (it checkpoints and exits 75) goes on where it stopped.
+        cmd = [sys.executable, "train.py", *task["args"], "--output_dir", task["output_dir"], "--resume", "auto"]
         if dry_run:
             print(" ".join(cmd))
         elif (Path(task["output_dir"]) / "results.json").exists():

@@ -126,4 +126,5 @@ def test_dry_run_validates_and_writes_nothing(files, tmp_path, tiny_model_dir, c
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "labels ['neg', 'pos']" in out and "global 4 = micro 4 x accum 1 x world 1" in out
+    assert "schedule: 6 steps (3/epoch), dev eval at steps 3, 6; best by accuracy" in out  # epoch ends
     assert not out_dir.exists()

@@ -11,12 +11,12 @@ from launcher import quality, sweep
 
 def test_expand_methods_seeds_innermost(tmp_path):
     ds = {"prompt": "p.json", "deep": "d.json", "full": "f.json"}
-    tasks = quality.expand(["prompt", "deep", "full"], [1, 20], ["random", "labels"], 20, [0, 1], ds, tmp_path,
-                           ["--epochs", "3"])
+    tasks = quality.expand(["prompt", "deep", "full"], [1, 20], ["random", "labels"], [20, 100], [0, 1], ds,
+                           tmp_path, ["--epochs", "3"])
     assert [(t["method"], t["init"], t["prompt_length"], t["seed"]) for t in tasks] == [
         *[("prompt", i, n, s) for i in ("random", "labels") for n in (1, 20) for s in (0, 1)],
-        ("deep", "random", 20, 0), ("deep", "random", 20, 1), ("full", "-", 0, 0), ("full", "-", 0, 1)]
-    full, deep = tasks[-1], tasks[-4]
+        *[("deep", "random", n, s) for n in (20, 100) for s in (0, 1)], ("full", "-", 0, 0), ("full", "-", 0, 1)]
+    full, deep = tasks[-1], tasks[-6]
     assert full["args"] == ["--ds_config", "f.json", "--seed", "1", "--quiet", "--tune", "full", "--prompt_length",
                             "0", "--epochs", "3"]
     assert deep["args"][:7] == ["--ds_config", "d.json", "--seed", "0", "--quiet", "--prompt_depth", "all"]
@@ -71,7 +71,7 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
     train = ["--model", str(tiny_model_dir), "--dataset", "inews", "--inews_content_chars", "0",
              "--max_length", "24", "--max_steps", "3", "--eval_every", "3", "--log_every", "1"]
     assert quality.main(["--out", str(out), "--seeds", "0", "--lengths", "5", "--inits", "random",
-                         "--method_length", "5", "--jobs", "2", "--", *train]) == 0
+                         "--method_lengths", "5", "--jobs", "2", "--", *train]) == 0
     assert len(list((out / "logs").glob("*_seed0.log"))) == 4  # --jobs 2: each run's output in its own log
     rows = {r["method"]: r for r in csv.DictReader((out / "quality.csv").open())}
     assert set(rows) == {"prompt", "deep", "residual", "full"}
@@ -97,7 +97,7 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
     assert full["tokenizer_hash"] == prompt_json["tokenizer_hash"] and len(full["tokenizer_hash"]) == 16
     # A larger grid over the same OUT: finished runs are reused, the rest reported missing, nothing runs.
     assert quality.main(["--out", str(out), "--seeds", "0,1", "--lengths", "5", "--inits", "random",
-                         "--method_length", "5", "--report_only", "--", *train]) == 0
+                         "--method_lengths", "5", "--report_only", "--", *train]) == 0
     text = (out / "quality.md").read_text()
     assert "| 1/2 |" in text and "Missing or failed runs (4)" in text and "prompt_random_len5_seed1" in text
     assert not (out / "runs" / "prompt_random_len5_seed1").exists()

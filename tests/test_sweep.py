@@ -64,6 +64,8 @@ def test_local_runs_skip_finished_tasks_and_report_failed_ones(tmp_path, capfd, 
               "output_dir": str(tmp_path / "runs" / f"run{s}")} for s in range(4)]
     (tmp_path / "runs" / "run2").mkdir(parents=True)
     (tmp_path / "runs" / "run2" / "results.json").write_text("{}")
+    assert sweep.run_local(tasks, True) == 0  # --dry_run: the commands, each resuming its own checkpoint
+    assert capfd.readouterr().out.count(" --resume auto\n") == len(tasks)
     assert sweep.run_local(tasks, False, jobs, tmp_path / "logs") == 1
     out, err = capfd.readouterr()
     assert "task 2: done already" in out and "error: 3 of 4 tasks failed: [0, 1, 3]" in err
