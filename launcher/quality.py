@@ -8,6 +8,8 @@ and a later grid over the same OUT reuses them):
 - prompt tuning (Lester et al.) at each --lengths x --inits,
 - deep prompts (`--prompt_depth all`) and residual prompts (`--reparam residual`) at each --method_lengths,
 - full fine-tuning (`--tune full`),
+- and again, for the --balanced methods, with the class-balanced loss (`--class_weights balanced`, best dev
+  step by macro-F1): each balanced row is compared with full fine-tuning under the same loss,
 each method with its own DeepSpeed JSON (--prompt_ds_config, --deep_ds_config, --residual_ds_config, --full_ds_config:
 the JSON owns the learning rate, and these methods want different ones), then scores the majority
 class (no training) and writes OUT/quality.md, OUT/quality.csv and
@@ -31,33 +33,40 @@ from . import aggregate, sweep
 METHODS = ("prompt", "deep", "residual", "full")
 METHOD_FLAGS = {"prompt": [], "deep": ["--prompt_depth", "all"], "residual": ["--reparam", "residual"],
                 "full": ["--tune", "full", "--prompt_length", "0"]}
+# Why a second loss: inews's class 0 is 10% of train, and with the plain loss some seeds of every method
+# predict it a handful of times (macro-F1 ~0.47); weighting it up trades a little accuracy for its recall.
+BALANCED_FLAGS = ["--class_weights", "balanced", "--select_metric", "macro_f1"]
 # Set per run by the benchmark, so they cannot also come after `--`.
 OWN_FLAGS = ("--prompt_init", "--prompt_length", "--seed", "--output_dir", "--resume", "--ds_config", "--tune",
-             "--prompt_depth", "--reparam")
+             "--prompt_depth", "--reparam", "--class_weights", "--select_metric")
 
 
 def expand(methods: list[str], lengths: list[int], inits: list[str], method_lengths: list[int], seeds: list[int],
-           ds_configs: dict[str, str], out: Path, extra: list[str], model: str = "tiny") -> list[dict]:
-    """One task per (method, init, prompt length, seed), seeds innermost; `ds_configs`: method ->
-    DeepSpeed JSON. Pure."""
+           ds_configs: dict[str, str], out: Path, extra: list[str], model: str = "tiny",
+           balanced: list[str] = ()) -> list[dict]:
+    """One task per (loss, method, init, prompt length, seed), seeds innermost: every method with the plain
+    loss, then the `balanced` ones with the class-balanced loss; `ds_configs`: method -> DeepSpeed JSON. Pure."""
     points = []
-    for method in methods:
-        if method == "prompt":
-            points += [(method, init, length) for init in inits for length in lengths]
-        elif method == "full":
-            points.append((method, "-", 0))
-        else:
-            points += [(method, "random", length) for length in method_lengths]
+    for loss in ("plain", "balanced"):
+        for method in methods if loss == "plain" else [m for m in methods if m in balanced]:
+            if method == "prompt":
+                points += [(loss, method, init, length) for init in inits for length in lengths]
+            elif method == "full":
+                points.append((loss, method, "-", 0))
+            else:
+                points += [(loss, method, "random", length) for length in method_lengths]
     tasks = []
-    for method, init, length in points:
+    for loss, method, init, length in points:
         for seed in seeds:
             # Named by grid point, not position: another grid over the same OUT reuses finished runs.
-            name = f"{method}_{init}_len{length}_seed{seed}"
+            name = f"{method}_{init}_len{length}_seed{seed}" + ("_balanced" if loss == "balanced" else "")
             args = ["--ds_config", ds_configs[method], "--seed", str(seed), "--quiet", *METHOD_FLAGS[method]]
             if method != "full":
                 args += ["--prompt_init", init, "--prompt_length", str(length)]
+            if loss == "balanced":
+                args += BALANCED_FLAGS
             tasks.append({"method": method, "model": model, "init": init, "prompt_length": length, "seed": seed,
-                          "output_dir": str(out / "runs" / name), "args": [*args, *extra]})
+                          "loss": loss, "output_dir": str(out / "runs" / name), "args": [*args, *extra]})
     return tasks
 
 
@@ -76,49 +85,56 @@ def majority(data_cfg) -> dict:
 
 
 def summarize(tasks: list[dict], finished: list[dict | None]) -> list[dict]:
-    """One row per (method, init, prompt length); `vs_full` = test accuracy / full fine-tuning's. Pure."""
+    """One row per (method, init, prompt length, loss); `vs_full` = test accuracy / that of full fine-tuning
+    with the same loss. Pure."""
     groups: dict[tuple, list] = {}
     for task, result in zip(tasks, finished):
-        groups.setdefault((task["method"], task["init"], task["prompt_length"]), []).append(result)
+        key = (task["method"], task["init"], task["prompt_length"], task.get("loss", "plain"))
+        groups.setdefault(key, []).append(result)
     rows = []
-    for (method, init, length), results in groups.items():
+    for (method, init, length, loss), results in groups.items():
         done = [r for r in results if r is not None]
-        row = {"method": method, "init": init, "prompt_length": length, "seeds_finished": len(done),
+        row = {"method": method, "init": init, "prompt_length": length, "loss": loss, "seeds_finished": len(done),
                "seeds_expected": len(results)}
         for key in ("test_accuracy", "test_macro_f1", "dev_accuracy"):
             row[f"{key}_mean"], row[f"{key}_std"] = aggregate._mean_std([r[key] for r in done])
         for key in ("tokens_per_s", "params_trainable", "optimizer_state_numel"):
             row[key] = aggregate._mean_std([r[key] for r in done if r.get(key) is not None])[0]
         rows.append(row)
-    full = next((r["test_accuracy_mean"] for r in rows if r["method"] == "full"), None)
+    full = {r["loss"]: r["test_accuracy_mean"] for r in rows if r["method"] == "full"}
     for r in rows:
-        r["vs_full"] = r["test_accuracy_mean"] / full if full and r["test_accuracy_mean"] is not None else None
+        ref = full.get(r["loss"])
+        r["vs_full"] = r["test_accuracy_mean"] / ref if ref and r["test_accuracy_mean"] is not None else None
     return rows
 
 
 def init_effects(rows: list[dict]) -> list[str]:
-    """Per prompt length: each init's test accuracy minus random init's, with the std of that difference."""
-    by = {(r["init"], r["prompt_length"]): r for r in rows if r["method"] == "prompt" and r["test_accuracy_mean"]}
+    """Per prompt length (and loss): each init's test accuracy minus random init's, with the std of that
+    difference."""
+    by = {(r["init"], r["prompt_length"], r["loss"]): r for r in rows
+          if r["method"] == "prompt" and r["test_accuracy_mean"]}
     lines = []
-    for (init, length), r in by.items():
-        base = by.get(("random", length))
+    for (init, length, loss), r in by.items():
+        base = by.get(("random", length, loss))
         if init == "random" or base is None:
             continue
         var = sum((x["test_accuracy_std"] or 0.0) ** 2 / x["seeds_finished"] for x in (r, base))
-        lines.append(f"- length {length}: {init} − random = {r['test_accuracy_mean'] - base['test_accuracy_mean']:+.4f}"
-                     f" ± {math.sqrt(var):.4f} (std of the difference of means)")
+        lines.append(f"- length {length}{', balanced loss' if loss == 'balanced' else ''}: {init} − random = "
+                     f"{r['test_accuracy_mean'] - base['test_accuracy_mean']:+.4f} ± {math.sqrt(var):.4f} "
+                     "(std of the difference of means)")
     return lines
 
 
-def best_prompt_method(rows: list[dict]) -> dict | None:
-    candidates = [r for r in rows if r["method"] != "full" and r["test_accuracy_mean"] is not None]
-    return max(candidates, key=lambda r: r["test_accuracy_mean"], default=None)
+def best_prompt_method(rows: list[dict], metric: str = "test_accuracy") -> dict | None:
+    candidates = [r for r in rows if r["method"] != "full" and r[f"{metric}_mean"] is not None]
+    return max(candidates, key=lambda r: r[f"{metric}_mean"], default=None)
 
 
 def label(r: dict) -> str:
+    loss = ", balanced loss" if r.get("loss") == "balanced" else ""
     if r["method"] == "full":
-        return "full fine-tuning"
-    return f"{r['method']} ({r['init']} init, {r['prompt_length']} tokens)"
+        return f"full fine-tuning{loss}"
+    return f"{r['method']} ({r['init']} init, {r['prompt_length']} tokens{loss})"
 
 
 def tokenizer_warning(finished: list[dict | None]) -> str | None:
@@ -150,11 +166,12 @@ def to_markdown(rows: list[dict], base: dict, missing: list[tuple[int, dict]], w
             "summed over ranks.\n\n" + (f"**{warning}**\n\n" if warning else "") + "\n".join(lines) + "\n")
     if effects := init_effects(rows):
         text += "\nInit against random init (test accuracy):\n\n" + "\n".join(effects) + "\n"
-    best = best_prompt_method(rows)
-    if best is not None:
-        text += (f"\nBest prompt-only method: {label(best)}: test accuracy {best['test_accuracy_mean']:.4f}"
-                 + (f" = {best['vs_full']:.1%} of full fine-tuning" if best["vs_full"] else "")
-                 + f", macro-F1 {best['test_macro_f1_mean']:.4f}.\n")
+    for metric, what in (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1")):
+        if (best := best_prompt_method(rows, metric)) is not None:
+            text += (f"\nBest prompt-only method by {what}: {label(best)}: test accuracy "
+                     f"{best['test_accuracy_mean']:.4f}"
+                     + (f" = {best['vs_full']:.1%} of full fine-tuning (same loss)" if best["vs_full"] else "")
+                     + f", macro-F1 {best['test_macro_f1_mean']:.4f}.\n")
     if missing:
         text += f"\n## Missing or failed runs ({len(missing)})\n\n"
         text += "".join(f"- {t['output_dir']} (no results.json)\n" for _, t in missing)
@@ -185,9 +202,9 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
     ax.set_yticks(list(y), [label(r) for r in shown], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(base["test_accuracy"], color="k", linestyle=":", label="majority class")
-    full = next((r["test_accuracy_mean"] for r in shown if r["method"] == "full"), None)
+    full = next((r["test_accuracy_mean"] for r in shown if r["method"] == "full" and r["loss"] == "plain"), None)
     if full:
-        ax.axvline(0.95 * full, color="tab:red", linestyle="--", label="95% of full fine-tuning")
+        ax.axvline(0.95 * full, color="tab:red", linestyle="--", label="95% of full fine-tuning (plain loss)")
     ax.set_xlabel("test accuracy (mean ± std over seeds)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -204,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="1,5,20,100", help="prompt lengths for plain prompt tuning")
     p.add_argument("--inits", default=",".join(sweep.INITS), help="prompt inits for plain prompt tuning")
     p.add_argument("--method_lengths", default="20,100", help="prompt lengths for deep and residual prompts")
+    p.add_argument("--balanced", default="deep,full",
+                   help="those of --methods that also run with the class-balanced loss (--class_weights balanced, "
+                        "best dev step by macro-F1), as extra rows; '' for none")
     p.add_argument("--seeds", default="0,1,2", help="seeds")
     p.add_argument("--prompt_ds_config", default="ds_configs/zero3_cpu_bf16.json",
                    help="DeepSpeed JSON of prompt tuning (AdamW lr 0.3)")
@@ -229,6 +249,7 @@ def parse(argv: list[str]):
     args = build_parser().parse_args(own)
     methods = sweep.choices("--methods", args.methods, METHODS, "method")
     inits = sweep.choices("--inits", args.inits, sweep.INITS, "init")
+    balanced = sweep.choices("--balanced", args.balanced, METHODS, "method") if args.balanced.strip() else []
     lengths = sweep._list("--lengths", args.lengths, int)
     method_lengths = sweep._list("--method_lengths", args.method_lengths, int)
     if min(lengths + method_lengths) <= 0 or args.jobs <= 0:
@@ -249,7 +270,7 @@ def parse(argv: list[str]):
         raise sweep.UsageError(f"after --: {e}") from None
     out = Path(args.out).resolve()
     return args, expand(methods, lengths, inits, method_lengths, sweep._list("--seeds", args.seeds, int),
-                        ds_configs, out, extra, run_cfg.model.model), run_cfg
+                        ds_configs, out, extra, run_cfg.model.model, balanced), run_cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,27 @@ def test_expand_methods_seeds_innermost(tmp_path):
     assert full["args"] == ["--ds_config", "f.json", "--seed", "1", "--quiet", "--tune", "full", "--prompt_length",
                             "0", "--epochs", "3"]
     assert deep["args"][:7] == ["--ds_config", "d.json", "--seed", "0", "--quiet", "--prompt_depth", "all"]
-    assert len({t["output_dir"] for t in tasks}) == len(tasks)
+    assert len({t["output_dir"] for t in tasks}) == len(tasks) and {t["loss"] for t in tasks} == {"plain"}
+
+
+def test_balanced_rows_run_after_the_plain_grid_and_compare_with_balanced_full(tmp_path):
+    ds = {"prompt": "p.json", "deep": "d.json", "full": "f.json"}
+    tasks = quality.expand(["prompt", "deep", "full"], [5], ["random"], [20], [0], ds, tmp_path, ["--epochs", "3"],
+                           balanced=["deep", "full"])
+    assert [(t["method"], t["loss"], Path(t["output_dir"]).name) for t in tasks] == [
+        ("prompt", "plain", "prompt_random_len5_seed0"), ("deep", "plain", "deep_random_len20_seed0"),
+        ("full", "plain", "full_-_len0_seed0"), ("deep", "balanced", "deep_random_len20_seed0_balanced"),
+        ("full", "balanced", "full_-_len0_seed0_balanced")]
+    assert tasks[-1]["args"][-6:] == ["--class_weights", "balanced", "--select_metric", "macro_f1", "--epochs", "3"]
+    assert "--class_weights" not in tasks[2]["args"]
+    rows = quality.summarize(tasks, [row(0.6), row(0.7), row(0.8), row(0.6, f1=0.6), row(0.75, f1=0.62)])
+    by = {quality.label(r): r for r in rows}
+    assert by["deep (random init, 20 tokens)"]["vs_full"] == pytest.approx(0.7 / 0.8)
+    assert by["deep (random init, 20 tokens, balanced loss)"]["vs_full"] == pytest.approx(0.6 / 0.75)
+    assert quality.best_prompt_method(rows, "test_macro_f1")["loss"] == "balanced"
+    text = quality.to_markdown(rows, {"label": "1", "test_accuracy": 0.5, "test_macro_f1": 0.2}, [])
+    assert ("Best prompt-only method by test macro-F1: deep (random init, 20 tokens, balanced loss): test accuracy "
+            "0.6000 = 80.0% of full fine-tuning (same loss), macro-F1 0.6000.") in text
 
 
 def test_residual_prompts_get_their_own_ds_config(tmp_path, monkeypatch):
@@ -43,7 +63,7 @@ def row(acc, f1=0.5):
 
 
 def test_summary_against_full_and_init_effects():
-    tasks = [{"method": m, "init": i, "prompt_length": n} for m, i, n in
+    tasks = [{"method": m, "init": i, "prompt_length": n, "loss": "plain"} for m, i, n in
              [("prompt", "random", 5)] * 2 + [("prompt", "labels", 5)] * 2 + [("full", "-", 0)] * 2]
     finished = [row(0.5), row(0.6), row(0.7), None, row(0.8), row(0.8)]
     rows = quality.summarize(tasks, finished)
@@ -60,21 +80,28 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
     assert quality.main(["--out", str(tmp_path), "--", "--tune", "full"]) == 2
     assert "--tune is set by the benchmark" in capsys.readouterr().err
+    assert quality.main(["--out", str(tmp_path), "--", "--class_weights", "balanced"]) == 2
+    assert "--class_weights is set by the benchmark" in capsys.readouterr().err
+    assert quality.main(["--out", str(tmp_path), "--balanced", "full,nope"]) == 2
+    assert "--balanced: unknown method 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "quality.json").exists()
 
 
 def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """Every method for 3 steps on inews, one seed, two runs at a time: the table, CSV and plot, with
-    parameter and optimizer-state counts checked by hand."""
+    """Every method for 3 steps on inews, one seed, two runs at a time, full fine-tuning again with the
+    balanced loss: the table, CSV and plot, with parameter and optimizer-state counts checked by hand."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     out = tmp_path / "q"
     train = ["--model", str(tiny_model_dir), "--dataset", "inews", "--inews_content_chars", "0",
              "--max_length", "24", "--max_steps", "3", "--eval_every", "3", "--log_every", "1"]
     assert quality.main(["--out", str(out), "--seeds", "0", "--lengths", "5", "--inits", "random",
-                         "--method_lengths", "5", "--jobs", "2", "--", *train]) == 0
-    assert len(list((out / "logs").glob("*_seed0.log"))) == 4  # --jobs 2: each run's output in its own log
-    rows = {r["method"]: r for r in csv.DictReader((out / "quality.csv").open())}
+                         "--method_lengths", "5", "--balanced", "full", "--jobs", "2", "--", *train]) == 0
+    assert len(list((out / "logs").glob("*_seed0*.log"))) == 5  # --jobs 2: each run's output in its own log
+    table = list(csv.DictReader((out / "quality.csv").open()))
+    rows = {r["method"]: r for r in table if r["loss"] == "plain"}
     assert set(rows) == {"prompt", "deep", "residual", "full"}
+    balanced = json.loads((out / "runs" / "full_-_len0_seed0_balanced" / "results.json").read_text())
+    assert balanced["class_weights"] is not None and [r["loss"] for r in table].count("balanced") == 1
     D, layers = 32, 2 + 2  # the tiny test model: d_model 32, 2 encoder + 2 decoder layers
     mlp = D * 512 + 512 + 512 * D + D + 2 * D  # two linears (--reparam_dim 512 by default), a LayerNorm
     full = json.loads((out / "runs" / "full_-_len0_seed0" / "results.json").read_text())
@@ -91,13 +118,13 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
     test_labels = data.load_splits(DataConfig(dataset="inews")).test["label"]
     share = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
     assert f"| majority class" in text and f"{share:.4f}" in text
-    assert "Best prompt-only method:" in text and (out / "quality.png").stat().st_size > 1000
+    assert "Best prompt-only method by test macro-F1:" in text and (out / "quality.png").stat().st_size > 1000
     assert "different tokenizers" not in text  # one model, one tokenizer
     prompt_json = json.loads((out / "runs" / "prompt_random_len5_seed0" / "prompt.json").read_text())
     assert full["tokenizer_hash"] == prompt_json["tokenizer_hash"] and len(full["tokenizer_hash"]) == 16
     # A larger grid over the same OUT: finished runs are reused, the rest reported missing, nothing runs.
     assert quality.main(["--out", str(out), "--seeds", "0,1", "--lengths", "5", "--inits", "random",
-                         "--method_lengths", "5", "--report_only", "--", *train]) == 0
+                         "--method_lengths", "5", "--balanced", "", "--report_only", "--", *train]) == 0
     text = (out / "quality.md").read_text()
     assert "| 1/2 |" in text and "Missing or failed runs (4)" in text and "prompt_random_len5_seed1" in text
     assert not (out / "runs" / "prompt_random_len5_seed1").exists()
