@@ -97,7 +97,8 @@ def to_markdown(rows: list[dict], missing: list[tuple[int, dict]]) -> str:
 
 def describe(task: dict) -> str:
     method = f"{task['method']} " if "method" in task else ""
-    return f"{method}{task['model']} {task['init']} length {task['prompt_length']} seed {task['seed']}"
+    loss = ", balanced loss" if task.get("loss") == "balanced" else ""
+    return f"{method}{task['model']} {task['init']} length {task['prompt_length']} seed {task['seed']}{loss}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
