@@ -163,7 +163,8 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
                 if record["train/runaway"] and guards["runaway_step"] is None:
                     guards["runaway_step"] = step
                     tracker.print(f"warning: step {step}: the prompt norm is {record['train/prompt_norm_ratio']:.1f}x "
-                                  "its initial value (runaway; consider a lower lr or --prompt_max_norm)")
+                                  "its initial value (runaway; consider a lower lr, --prompt_max_norm or --prompt_init "
+                                  "vocab|labels)")
             # The last step's, before clipping; DeepSpeed has none at ZeRO stage 0 without clipping.
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
