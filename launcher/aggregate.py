@@ -95,10 +95,15 @@ def to_markdown(rows: list[dict], missing: list[tuple[int, dict]]) -> str:
     return text
 
 
+def loss_suffix(entry: dict) -> str:
+    """', balanced loss' for a task or row trained with the class-balanced loss (launcher.quality), else ''."""
+    return ", balanced loss" if entry.get("loss") == "balanced" else ""
+
+
 def describe(task: dict) -> str:
     method = f"{task['method']} " if "method" in task else ""
-    loss = ", balanced loss" if task.get("loss") == "balanced" else ""
-    return f"{method}{task['model']} {task['init']} length {task['prompt_length']} seed {task['seed']}{loss}"
+    return (f"{method}{task['model']} {task['init']} length {task['prompt_length']} seed {task['seed']}"
+            + loss_suffix(task))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -119,7 +119,7 @@ def init_effects(rows: list[dict]) -> list[str]:
         if init == "random" or base is None:
             continue
         var = sum((x["test_accuracy_std"] or 0.0) ** 2 / x["seeds_finished"] for x in (r, base))
-        lines.append(f"- length {length}{', balanced loss' if loss == 'balanced' else ''}: {init} − random = "
+        lines.append(f"- length {length}{aggregate.loss_suffix(r)}: {init} − random = "
                      f"{r['test_accuracy_mean'] - base['test_accuracy_mean']:+.4f} ± {math.sqrt(var):.4f} "
                      "(std of the difference of means)")
     return lines
@@ -131,7 +131,7 @@ def best_prompt_method(rows: list[dict], metric: str = "test_accuracy") -> dict 
 
 
 def label(r: dict) -> str:
-    loss = ", balanced loss" if r.get("loss") == "balanced" else ""
+    loss = aggregate.loss_suffix(r)
     if r["method"] == "full":
         return f"full fine-tuning{loss}"
     return f"{r['method']} ({r['init']} init, {r['prompt_length']} tokens{loss})"
