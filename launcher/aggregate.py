@@ -112,7 +112,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from softprompt.checkpoint import atomic_write
+    from softprompt.io import atomic_write
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     lines: dict[tuple, list] = {}
@@ -148,13 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out}/sweep.json: not a sweep file ({e})", file=sys.stderr)
         return 2
 
-    from softprompt.checkpoint import atomic_write
+    from softprompt.io import write_text
 
     finished = [load_task(t) for t in tasks]
     rows = summarize(tasks, finished)
     missing = [(i, t) for i, (t, r) in enumerate(zip(tasks, finished)) if r is None]
     for name, text in (("summary.csv", to_csv(rows)), ("summary.md", to_markdown(rows, missing))):
-        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
+        write_text(out / name, text)
     plot(rows, out / "prompt_length.png")
     print(f"{len(tasks) - len(missing)} of {len(tasks)} tasks finished; wrote {out}/summary.csv, summary.md, "
           "prompt_length.png")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from softprompt import checkpoint, data, engine, prompt as prompt_lib, tiny, verbalizer
 from softprompt.config import ConfigError, RunConfig
+from softprompt.io import write_json
 from softprompt.metrics import balanced_weights
 from softprompt.tokenize import tokenizer_hash
 
@@ -195,7 +196,7 @@ def outputs(cfg: RunConfig, v: Validated, result: dict, wall_s: float, world: in
     if result["prompt"] is not None:  # --tune full keeps no prompt file: it is a baseline
         checkpoint.save_prompt(out, result["prompt"], {**prompt_meta(cfg, v), "best_step": result["best_step"]})
         final = hashlib.sha256(result["final_prompt"].numpy().tobytes()).hexdigest()
-    checkpoint.write_json(out / "results.json", {
+    write_json(out / "results.json", {
         "config": asdict(cfg),
         "ds_config": v.ds_config,
         "recipe": recipe(v.ds_config),

@@ -192,7 +192,7 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from softprompt.checkpoint import atomic_write
+    from softprompt.io import atomic_write
 
     shown = [r for r in rows if r["test_accuracy_mean"] is not None]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(shown) + 1.5), dpi=100)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     except sweep.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from softprompt.checkpoint import atomic_write, write_json
+    from softprompt.io import write_json, write_text
 
     out = Path(args.out).resolve()
     write_json(out / "quality.json", {"tasks": tasks})
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(tasks, finished)
     missing = [(i, t) for i, (t, r) in enumerate(zip(tasks, finished)) if r is None]
     text = to_markdown(rows, base, missing, tokenizer_warning(finished))
-    atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(text))
-    atomic_write(out / "quality.csv", lambda tmp: Path(tmp).write_text(to_csv(rows)))
+    write_text(out / "quality.md", text)
+    write_text(out / "quality.csv", to_csv(rows))
     plot(rows, base, out / "quality.png")
     print(text)
     print(f"wrote {out}/quality.md, quality.csv, quality.png")

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out).resolve()
     sweep_json = out / "sweep.json"
-    from softprompt.checkpoint import write_json
+    from softprompt.io import write_json
 
     write_json(sweep_json, {"tasks": tasks})
     print(f"{sweep_json}: {len(tasks)} tasks")

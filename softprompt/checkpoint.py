@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,34 +26,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
+from .io import atomic_write, write_json, write_text
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, requeue me" (slurm/*.sbatch act on it)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj) -> None:
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_prompt(output_dir: str | Path, prompt: torch.Tensor, meta: dict) -> None:
@@ -122,7 +98,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, prompt: t
         save_prompt(root / tag, prompt, prompt_meta)
     _barrier()  # every rank's files are on disk before the checkpoint becomes visible
     if rank == 0:
-        atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(tag))
+        write_text(root / LATEST, tag)
         for name in prune_keep([p.name for p in root.glob("step_*") if p.is_dir()], keep):
             shutil.rmtree(root / name, ignore_errors=True)
     _barrier()  # nobody exits (or is killed by the launcher) before `latest` is written
@@ -192,4 +168,4 @@ def forget_after(output_dir, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+    write_text(path, "".join(line + "\n" for line in kept))

@@ -26,6 +26,7 @@ from . import checkpoint, engine, metrics, verbalizer
 from .collate import collate, shard_batches
 from .config import PROMPT_DEPTHS, ConfigError
 from .data import read_file, where_row
+from .io import write_text
 from .prompt import SoftPrompt, gathered, layers_for
 from .tokenize import EmptyTextError, encode, tokenizer_hash
 
@@ -243,7 +244,7 @@ def write(args, results, tasks: list[Task], gold: list | None) -> None:
                   "probs": {name: round(float(p), 6) for name, p in zip(task.label_names, mean)}}
         correct += gold is not None and str(gold[row]) == record["label"]
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    checkpoint.atomic_write(args.output, lambda tmp: Path(tmp).write_text("".join(lines)))
+    write_text(args.output, "".join(lines))
     print(f"wrote {len(lines)} predictions to {args.output}")
     if gold is not None:
         print(f"accuracy {correct / len(lines):.4f}")
