@@ -1,9 +1,8 @@
-"""Classification metrics from a confusion matrix (pure) and the one all-reduce helper."""
+"""Classification metrics from a confusion matrix. Pure."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 
 def confusion(labels: torch.Tensor, preds: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -38,25 +37,3 @@ def from_confusion(cm: torch.Tensor, label_names: list[str]) -> dict:
         "pred_counts": {name: int(predicted[i]) for i, name in enumerate(label_names)},
         "n": int(total),
     }
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over ranks (identity in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank (e.g. a signal that reached one rank)."""
-    return all_reduce_sum(torch.tensor([int(flag)])).item() > 0
-
-
-def gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]

@@ -17,18 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, engine, metrics, verbalizer
+from . import checkpoint, dist, dsconfig, loading, verbalizer
 from .collate import collate, shard_batches
-from .config import PROMPT_DEPTHS, ConfigError
+from .config import ConfigError, PromptDepth
 from .data import read_file, where_row
 from .io import write_text
 from .prompt import SoftPrompt, gathered, layers_for
 from .tokenize import EmptyTextError, encode, tokenizer_hash
+
+DIST_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -52,7 +55,7 @@ def parse_prompt_arg(arg: str) -> tuple[str, Path]:
 def load_tasks(prompt_args: list[str], model_config, tok_hash: str) -> list[Task]:
     """The prompts and their metadata, checked against the model (d_model, layer counts, tokenizer)."""
     d_model = model_config.d_model
-    layers = sorted({layers_for(depth, model_config) for depth in PROMPT_DEPTHS})
+    layers = sorted({layers_for(depth, model_config) for depth in typing.get_args(PromptDepth)})
     tasks = []
     for arg in prompt_args:
         name, path = parse_prompt_arg(arg)
@@ -176,15 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
     from .model import PromptedMT5
-    from .tiny import resolve_model
 
     # Validate everything before any process group or output exists.
-    model_path = resolve_model(args.model)
-    model_config = engine.load_model_config(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    source = loading.model_source(args.model)
+    model_config = loading.load_model_config(source)
+    tokenizer = loading.load_tokenizer(source)
     tasks = load_tasks(args.prompt, model_config, tokenizer_hash(tokenizer))
     path = Path(args.input)
     if not path.is_file():
@@ -200,17 +200,15 @@ def run(args) -> int:
         ids = encode(tokenizer, columns["text"], columns.get("text_pair"), max_length)
     except EmptyTextError as e:
         raise ConfigError(f"{where_row(path, e.rows[0])}: field {fields[e.parts[0]]!r}: the text has no tokens") from None
-    ds_config = engine.load_ds_config(args.ds_config) if args.ds_config else None
+    ds_config = None
+    if args.ds_config:  # batch sizes and lr do not matter here: resolve any "auto" with the defaults
+        raw, ds_source = dsconfig.load(args.ds_config)
+        ds_config = dsconfig.resolve(raw, f"--ds_config {ds_source}", dsconfig.world_size_from_env())[0]
 
-    rank, world = engine.init_distributed()
+    rank, world = dist.init(DIST_TIMEOUT_S)
     try:
-        hf_ds = None
-        if ds_config and engine.zero_stage(ds_config) == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must live while the model loads
-        bf16 = bool(ds_config and ds_config.get("bf16", {}).get("enabled"))
-        mt5 = engine.load_frozen_model(model_path, model_config, 0.0, torch.bfloat16 if bf16 else torch.float32)
+        bf16 = ds_config is not None and dsconfig.Settings.of(ds_config).bf16
+        mt5 = loading.load_frozen_model(source, model_config, torch.bfloat16 if bf16 else torch.float32, ds_config)
         with gathered([mt5.lm_head.weight]):
             heads = stack_heads([verbalizer.class_head(mt5.lm_head.weight.detach(), t.pieces) for t in tasks])
         model = PromptedMT5(mt5, SoftPrompt(tasks[0].prompt), heads[0][0])
@@ -221,15 +219,15 @@ def run(args) -> int:
             # No optimizer: the training JSON's optimizer section would make ZeRO build one.
             inference = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
             model = deepspeed.initialize(model=model, config=inference)[0].module
-        device = engine.device()
+        device = dist.device()
         model.to(device).eval()
         mine = predict_rows(model, ids, task_idx, tasks, heads, args.ensemble, args.batch_size,
                             tokenizer.pad_token_id, rank, world, device)
-        results = sorted(r for part in metrics.gather_objects(mine) for r in part)
+        results = sorted(r for part in dist.gather_objects(mine) for r in part)
         if rank == 0:
             write(args, results, tasks, columns.get("label"))
     finally:
-        engine.close_distributed()
+        dist.close()
     return 0
 
 
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ConfigError as e:
-        if engine.is_main_process():
+        if dist.is_main_process():
             print(f"error: {e}", file=sys.stderr)
         return 2
 

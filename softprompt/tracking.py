@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from .config import ConfigError
+
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .config import RunConfig
 
 COLLAPSE_SHARE = 0.95  # eval/collapsed: this share of the predictions or more is one class
 RUNAWAY_RATIO = 10.0  # train/runaway: the prompt's norm is this many times its initial norm or more
@@ -48,14 +51,27 @@ class WandbSettings:
     group: str | None = None
     tags: tuple[str, ...] = ()
 
-    @staticmethod
-    def from_config(train: TrainConfig) -> WandbSettings | None:
-        """From a resolved TrainConfig; None when W&B is off (no --wandb_project, or mode disabled)."""
-        if train.wandb_project is None or train.wandb_mode == "disabled":
-            return None
-        tags = tuple(t.strip() for t in train.wandb_tags.split(",")) if train.wandb_tags else ()
-        return WandbSettings(train.wandb_project, train.wandb_mode, train.wandb_run_name, train.wandb_group,
-                             tags)
+
+def wandb_settings(cfg: RunConfig, environ) -> WandbSettings | None:
+    """W&B's settings for a run, resolved once from the flags and the environment: None when W&B is off
+    (no --wandb_project nor $WANDB_PROJECT, or mode disabled). An absent --wandb_mode becomes
+    $WANDB_MODE, else online with an API key, else offline, so that the records name the mode used."""
+    from .config import WandbMode, default_run_name
+
+    t = cfg.train
+    project = t.wandb_project or environ.get("WANDB_PROJECT") or None
+    if project is None:
+        for name in ("wandb_mode", "wandb_group", "wandb_tags", "wandb_run_name"):
+            if getattr(t, name) is not None:
+                raise ConfigError(f"--{name} needs --wandb_project (or $WANDB_PROJECT)")
+        return None
+    mode, source = (t.wandb_mode, "--wandb_mode") if t.wandb_mode else default_wandb_mode(environ)
+    if mode not in typing.get_args(WandbMode):
+        raise ConfigError(f"{source} must be one of {', '.join(typing.get_args(WandbMode))}, got {mode!r}")
+    if mode == "disabled":
+        return None
+    tags = tuple(x.strip() for x in t.wandb_tags.split(",")) if t.wandb_tags else ()
+    return WandbSettings(project, mode, t.wandb_run_name or default_run_name(cfg.model, t.seed), t.wandb_group, tags)
 
 
 class Tracker:
@@ -147,13 +163,13 @@ def _for_wandb(v):
     return v
 
 
-def default_wandb_mode() -> tuple[str, str]:
+def default_wandb_mode(environ) -> tuple[str, str]:
     """(mode, where it came from) for a run without --wandb_mode: $WANDB_MODE if set, else online
     when an API key is configured (WANDB_API_KEY, `wandb login`'s netrc or settings), else offline.
     Reads the environment and local files only: no network."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"], "$WANDB_MODE"
-    if os.environ.get("WANDB_API_KEY"):
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"], "$WANDB_MODE"
+    if environ.get("WANDB_API_KEY"):
         return "online", "default"
     import wandb
 

@@ -1,4 +1,4 @@
-"""The training loop and evaluation: read it top to bottom.
+"""The parts of the training loop (softprompt/recipe.py runs it): the schedule, the data order, evaluation.
 
 Data order is a function of (seed, epoch) and the *global* batch, never of the world size: each
 step takes the next `global_batch` indices of the epoch's permutation, and rank r's k-th
@@ -11,16 +11,15 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 
-from . import flops, metrics, verbalizer
+from . import dist, flops, metrics, verbalizer
 from .collate import collate, shard_batches
-from .engine import BatchSizes
+from .dsconfig import BatchSizes
 from .prompt import read_state, write_state
-from .tracking import COLLAPSE_SHARE, Table, Tracker, collapsed, memory_mb, norm_guard, stability
+from .tracking import Table, collapsed
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def evaluate(engine, split, label_names: list[str], batch_size: int, pad_id: int
         if idx:
             cm += metrics.confusion(batch.labels.cpu(), verbalizer.predict(scores).cpu(), len(label_names))
     engine.train()
-    return metrics.from_confusion(metrics.all_reduce_sum(cm), label_names)
+    return metrics.from_confusion(dist.all_reduce_sum(cm), label_names)
 
 
 def flat(prefix: str, m: dict) -> dict:
@@ -104,39 +103,46 @@ def prompt_norm(prompt) -> float:
     return prompt.export(read_state(prompt)).norm().item()
 
 
-def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: Tracker, pad_id: int,
-          rank: int, device, state: dict | None = None, save: Callable[[int, dict], None] | None = None,
-          preemption: Preemption | None = None, class_weights: list[float] | None = None) -> dict:
-    """Train, evaluate on dev per `schedule`, then score the best-dev prompt on test.
+def finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
 
-    With --tune full there is no prompt to keep: test is scored at every dev evaluation instead,
-    and the best dev step's is reported. `state` is a checkpoint's trainer state to continue from;
-    `save(step, state)` writes one (every --save_every steps, and when a preemption is requested:
-    then the run returns early with `preempted` set). `class_weights` (per class) weight the loss;
-    --select_metric names the dev metric that picks the best step.
+
+def train_loop(run) -> "RunResult":  # noqa: F821 - recipe.RunResult, imported below (recipe imports us)
+    """Train, evaluate on dev per the schedule, then score the best-dev prompt on test. `run` is the
+    TrainRecipe (softprompt/recipe.py): its engine, inputs, state, tracker and preemption flag.
+
+    With --tune full there is no prompt to keep: test is scored at every new best dev instead. The loop
+    returns early, after a checkpoint, when any rank was asked to stop (SIGUSR1/SIGTERM), and raises
+    NonFiniteError as soon as a step's loss is not finite on any rank, before anything is saved.
     """
+    from .recipe import Best, NonFiniteError, RunResult
+    from .tracking import COLLAPSE_SHARE, memory_mb, norm_guard, stability
+
+    engine, v, cfg, tracker, st = run.engine, run.inputs, run.cfg, run.tracker, run.state
+    splits, sizes, schedule, labels = v.splits, v.sizes, v.schedule, v.splits.label_names
+    device, pad_id, rank = dist.device(), v.tokenizer.pad_token_id, run.rank
     prompt = engine.module.prompt  # None: full fine-tuning without a prompt
     keep_prompt = cfg.model.tune == "prompt"
     n_prompt = prompt.n_tokens if prompt is not None else 0
-    labels = splits.label_names
-    best = {"step": 0, "metrics": None, "state": None, "test": None}
-    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
-    select = cfg.train.select_metric
-    window = torch.zeros(3, dtype=torch.float64)  # loss x examples, examples, tokens since last log
-    # Stability guards: dev evals whose predictions collapsed onto one class, and the prompt norm
-    # against its initial value (a runaway norm preceded the collapse of published mT5 runs).
-    guards = {"collapsed_steps": [], "runaway_step": None, "init_norm": prompt_norm(prompt) if prompt is not None else None}
-    start = 0
-    if state is not None:  # the data position follows from the step: order = f(seed, epoch)
-        start, best, window, guards = state["step"], state["best"], state["window"], state["guards"]
+    weight = torch.tensor(v.class_weights, dtype=torch.float32, device=device) if v.class_weights else None
+    select, t = cfg.train.select_metric, cfg.train
+
+    def score(split):
+        return evaluate(engine, split, labels, t.eval_batch_size, pad_id, rank, sizes.world_size, device)
+
+    if st.step == 0 and prompt is not None:
+        st.guards.init_norm = prompt_norm(prompt)
+    window = st.window.to(device)  # loss x examples, examples, tokens since the last log
     # The restored window's examples were processed in the interrupted run's time, not ours.
-    t_log = time.perf_counter() - (state["window_s"] if state else 0.0)
+    t_log = time.perf_counter() - st.window_s
     engine.train()
 
-    for step in range(start + 1, schedule.total_steps + 1):
+    for step in range(st.step + 1, schedule.total_steps + 1):
+        dist.phase("forward/backward (ZeRO all-gather/reduce-scatter or gradient all-reduce)", step)
         epoch, step_in_epoch = divmod(step - 1, schedule.steps_per_epoch)
-        if step_in_epoch == 0 or step == start + 1:
-            order = epoch_order(len(splits.train), cfg.train.seed, epoch)
+        if step_in_epoch == 0 or step == st.step + 1:
+            order = epoch_order(len(splits.train), t.seed, epoch)
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for idx in micro_batches(order, step_in_epoch, sizes, rank):
             batch = collate(rows(splits.train, idx), pad_id).to(device)
             scores = engine(batch.input_ids, batch.attention_mask)  # (B, C)
@@ -144,10 +150,21 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             B = len(batch)
-            window += torch.tensor([loss.item() * B, B, batch.attention_mask.sum().item() + n_prompt * B])
+            step_loss += loss.detach().double() * B
+            window[1] += B
+            window[2] += batch.attention_mask.sum() + n_prompt * B
+        window[0] += step_loss
+        st.step = step
 
-        if step % cfg.train.log_every == 0 or step == schedule.total_steps:
-            loss_sum, n_ex, n_tok = metrics.all_reduce_sum(window).tolist()
+        # One collective per step (and the step's one host sync): stop requests and non-finite losses.
+        dist.phase("agreeing on stop requests and non-finite losses", step)
+        stop, bad = dist.any_rank(run.preemption.requested, ~torch.isfinite(step_loss))
+        if bad:
+            raise NonFiniteError(f"step {step}: the training loss is not finite (NaN or Inf) on at least one rank; "
+                                 "stopped before saving anything (lower the lr, check the data, or bound the prompt "
+                                 "with --prompt_max_norm)")
+        if step % t.log_every == 0 or step == schedule.total_steps:
+            loss_sum, n_ex, n_tok = dist.all_reduce_sum(window.cpu()).tolist()
             elapsed = time.perf_counter() - t_log
             record = {
                 "train/loss": loss_sum / n_ex,
@@ -159,9 +176,9 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
                 **memory_mb(device),
             }
             if prompt is not None:
-                record.update(norm_guard(prompt_norm(prompt), guards["init_norm"]))  # collective
-                if record["train/runaway"] and guards["runaway_step"] is None:
-                    guards["runaway_step"] = step
+                record.update(norm_guard(prompt_norm(prompt), st.guards.init_norm))  # collective
+                if record["train/runaway"] and st.guards.runaway_step is None:
+                    st.guards.runaway_step = step
                     tracker.print(f"warning: step {step}: the prompt norm is {record['train/prompt_norm_ratio']:.1f}x "
                                   "its initial value (runaway; consider a lower lr, --prompt_max_norm or --prompt_init "
                                   "vocab|labels)")
@@ -169,10 +186,9 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 record["train/grad_norm"] = float(grad_norm)
-            if cfg.train.peak_tflops:
+            if t.peak_tflops:
                 window_flops = flops.train_flops(engine.module.mt5.config, n_ex, n_tok / n_ex)
-                record["train/mfu"] = flops.mfu(window_flops, elapsed, cfg.train.peak_tflops,
-                                                sizes.world_size)
+                record["train/mfu"] = flops.mfu(window_flops, elapsed, t.peak_tflops, sizes.world_size)
             tracker.log(step, record)
             window.zero_()
             t_log = time.perf_counter()
@@ -181,46 +197,47 @@ def train(engine, splits, sizes: BatchSizes, schedule: Schedule, cfg, tracker: T
             tracker.advance()
 
         if step in schedule.eval_steps:
+            dist.phase("dev evaluation", step)
             t_eval = time.perf_counter()
-            dev = evaluate(engine, splits.dev, labels, cfg.train.eval_batch_size, pad_id, rank,
-                           sizes.world_size, device)
+            dev = score(splits.dev)
             record = flat("eval", dev)
             tracker.log(step, record)
             tracker.print(f"step {step}: dev accuracy {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f}")
             if record["eval/collapsed"]:
-                guards["collapsed_steps"].append(step)
+                st.guards.collapsed_steps.append(step)
                 tracker.print(f"warning: step {step}: {COLLAPSE_SHARE:.0%} or more of the dev predictions "
                               f"are one class {dev['pred_counts']}")
-            if best["metrics"] is None or dev[select] > best["metrics"][select]:
-                best = {"step": step, "metrics": dev, "test": None,
-                        "state": read_state(prompt) if keep_prompt else None}
+            if st.best.metrics is None or dev[select] > st.best.metrics[select]:
+                state = read_state(prompt) if keep_prompt else None
+                if state is not None and not finite(state):
+                    raise NonFiniteError(f"step {step}: the prompt is not finite (NaN or Inf); stopped before "
+                                         "saving it")
+                st.best = Best(step, dev, state)
                 if not keep_prompt and splits.test is not None:  # no prompt to restore later: score test now
-                    best["test"] = evaluate(engine, splits.test, labels, cfg.train.eval_batch_size, pad_id, rank,
-                                            sizes.world_size, device)
+                    st.best.test = score(splits.test)
             t_log += time.perf_counter() - t_eval  # keep eval time out of train throughput
 
-        stop = preemption is not None and metrics.any_rank(preemption.requested)
-        if save is not None and (stop or (cfg.train.save_every and step % cfg.train.save_every == 0)):
-            save(step, {"step": step, "best": best, "window": window, "window_s": time.perf_counter() - t_log,
-                        "guards": guards, "wandb_run_id": tracker.run_id})
+        if stop or (t.save_every and step % t.save_every == 0):
+            dist.phase("writing a checkpoint", step)
+            st.window, st.window_s, st.wandb_run_id = window.cpu(), time.perf_counter() - t_log, tracker.run_id
+            run.save_checkpoint()
         if stop:
             tracker.print(f"preempted: checkpoint saved at step {step}")
-            return {"preempted": True, "step": step}
+            return RunResult(preempted=True, step=step)
 
+    dist.phase("test evaluation")
     final_prompt = best_prompt = None
-    test = best["test"]
+    test = st.best.test
     if keep_prompt:
         final_prompt = prompt.export(read_state(prompt))
-        write_state(prompt, best["state"])
-        best_prompt = prompt.export(best["state"])
+        write_state(prompt, st.best.state)
+        best_prompt = prompt.export(st.best.state)
         if splits.test is not None:
-            test = evaluate(engine, splits.test, labels, cfg.train.eval_batch_size, pad_id, rank,
-                            sizes.world_size, device)
+            test = score(splits.test)
     if test is not None:
         tracker.log(schedule.total_steps, flat("test", test))
-        tracker.print(f"best dev step {best['step']}: test accuracy {test['accuracy']:.4f} "
+        tracker.print(f"best dev step {st.best.step}: test accuracy {test['accuracy']:.4f} "
                       f"macro-F1 {test['macro_f1']:.4f}")
-    guards = {k: v for k, v in guards.items() if k != "init_norm"}
+    guards = {k: v for k, v in asdict(st.guards).items() if k != "init_norm"}
     tracker.print(f"stability: {stability(guards)}")
-    return {"preempted": False, "best_step": best["step"], "dev": best["metrics"], "test": test,
-            "prompt": best_prompt, "final_prompt": final_prompt, "guards": guards}
+    return RunResult(False, st.step, st.best.step, st.best.metrics, test, best_prompt, final_prompt, guards)

@@ -68,7 +68,7 @@ def tiny_frozen(tiny_model_dir):
     """The tiny model loaded as the trainer loads it (fp32, dropout 0, every parameter frozen)."""
     import torch
 
-    from softprompt import engine
+    from softprompt import loading
 
-    config = engine.load_model_config(str(tiny_model_dir))
-    return engine.load_frozen_model(str(tiny_model_dir), config, dropout=0.0, dtype=torch.float32).eval()
+    config = loading.load_model_config(str(tiny_model_dir))
+    return loading.load_frozen_model(str(tiny_model_dir), config, dtype=torch.float32, dropout=0.0).eval()

@@ -10,7 +10,7 @@ import pytest
 
 from launcher import cli
 from launcher.main import main
-from softprompt.config import DataConfig, ModelConfig, TrainConfig
+from softprompt.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,9 +100,10 @@ CASES = {
     "max_length": r"--max_length 1 cannot hold any text",
     "unknown model": r"--model .*no-such-model: no such model directory",
     "fp16": r"fp16",
-    "batch triple": r"train_batch_size 4 is not divisible by train_micro_batch_size_per_gpu 3",
-    "class_weights": r"--class_weights must be none or balanced, got 'inverse'",
-    "select_metric": r"--select_metric must be one of accuracy, macro_f1, got 'f1'",
+    "batch triple": r"micro-batch 3 does not divide the global batch 4 / world size 1 = 4 per rank: use "
+                    r"--micro_batch 1, 2, 4",
+    "class_weights": r"--class_weights: invalid choice: 'inverse' \(choose from '?none'?, '?balanced'?\)",
+    "select_metric": r"--select_metric: invalid choice: 'f1' \(choose from '?accuracy'?, '?macro_f1'?\)",
 }
 
 
@@ -126,5 +127,44 @@ def test_dry_run_validates_and_writes_nothing(files, tmp_path, tiny_model_dir, c
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "labels ['neg', 'pos']" in out and "global 4 = micro 4 x accum 1 x world 1" in out
+    assert "optimizer AdamW lr 0.1" in out and "parallelism: ZeRO-3, fp32" in out
     assert "schedule: 6 steps (3/epoch), dev eval at steps 3, 6; best by accuracy" in out  # epoch ends
     assert not out_dir.exists()
+
+
+def test_every_choice_is_listed_once_in_help():
+    text = build_help()
+    assert text.count("{prompt,full}") == 2 and "--tune {prompt,full}" in text  # usage line + the flag's line
+    assert "--quiet, --no-quiet" in text
+
+
+def build_help() -> str:
+    return cli.build_parser().format_help()
+
+
+def write_yaml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_gives_defaults_and_flags_override(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", "model:\n  prompt_length: 7\n  prompt_init: labels\ntrain:\n  lr: 0.05\n"
+                                          "  quiet: true\n  ds_config: {train_batch_size: auto}\n")
+    cfg = cli.parse(["--config", path, "--prompt_length", "9", "--no-quiet"])
+    assert (cfg.model.prompt_length, cfg.model.prompt_init, cfg.train.lr) == (9, "labels", 0.05)
+    assert cfg.train.quiet is False and cfg.train.ds_config == {"train_batch_size": "auto"}
+    assert cli.parse(["--prompt_length", "9", "--config", path]).model.prompt_length == 9  # order does not matter
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model:\n  prompt_lenght: 7\n", r"c\.yaml: model\.prompt_lenght is not a setting"),
+    ("modle:\n  x: 1\n", r"unknown section 'modle'"),
+    ("model:\n  tune: half\n", r"--tune must be one of prompt, full, got 'half'"),
+    ("train:\n  epochs: .nan\n", r"--epochs must be a finite number > 0, got nan"),
+    ("model: [1, 2\n", r"c\.yaml:\d+: invalid YAML"),
+    ("- 1\n- 2\n", r"expected sections data:, model:, train:"),
+])
+def test_config_file_errors_name_the_file_and_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        cli.parse(["--config", write_yaml(tmp_path / "c.yaml", text)])
+    assert main(["--config", str(tmp_path / "c.yaml"), "--dry_run"]) == 2

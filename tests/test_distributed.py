@@ -1,4 +1,4 @@
-"""ZeRO-3 across 2 ranks (gloo, CPU) against a single process without ZeRO, through the real CLI."""
+"""ZeRO-3 and replicated data parallelism across 2 ranks (gloo, CPU) against a single process, through the real CLI."""
 
 import json
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.engine import free_port
+from softprompt.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 4  # prompt tokens
@@ -64,15 +64,18 @@ def runs(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     one = tmp / "one_rank_no_zero"
     two = tmp / "two_rank_zero3"
+    replicated = tmp / "two_rank_replicated"
     (tmp / "started").touch()  # for test_leaves_no_shared_memory_behind
     run([sys.executable, "train.py", *train_args(tiny_model_dir, ds_config(tmp, 0), one, **WEIGHTED)])
     deepspeed("train.py", *train_args(tiny_model_dir, ds_config(tmp, 3), two, **WEIGHTED))
-    return one, two
+    deepspeed("train.py", *train_args(tiny_model_dir, ds_config(tmp, 0), replicated, **WEIGHTED))
+    return one, two, replicated
 
 
 @pytest.mark.distributed
-def test_zero3_two_ranks_match_one_rank(runs):
-    one, two = (read_metrics(r) for r in runs)
+@pytest.mark.parametrize("mode", ["zero3", "replicated"])
+def test_two_ranks_match_one_rank(runs, mode):
+    one, two = read_metrics(runs[0]), read_metrics(runs[1 if mode == "zero3" else 2])
     loss1 = [r["train/loss"] for r in one if "train/loss" in r]
     loss2 = [r["train/loss"] for r in two if "train/loss" in r]
     assert len(loss1) == len(loss2) == STEPS
@@ -91,13 +94,14 @@ def test_zero3_two_ranks_match_one_rank(runs):
 
 @pytest.mark.distributed
 def test_outputs_written_by_rank_zero(runs):
-    _, two = runs
-    assert sorted(p.name for p in two.iterdir()) == ["metrics.jsonl", "prompt.json", "prompt.safetensors",
-                                                     "results.json"]
+    _, two, _ = runs
+    assert sorted(p.name for p in two.iterdir() if p.name != ".lock") == [
+        "config.yaml", "metrics.jsonl", "prompt.json", "prompt.safetensors", "results.json"]
     results = json.loads((two / "results.json").read_text())
     assert results["world_size"] == 2
     assert results["batch"] == {"global_batch": 8, "micro_batch": 4, "grad_accum": 1, "world_size": 2}
     assert results["ds_config"]["zero_optimization"]["stage"] == 3
+    assert results["ds_config"]["gradient_accumulation_steps"] == 1 and results["recipe"]["lr"] == 0.3  # resolved
     assert results["label_names"] == ["0", "1", "2"] and results["verbalizer_ids"] == [[3], [4], [5]]
     assert results["test"]["n"] == 999 and 0 <= results["test"]["accuracy"] <= 1
     # Balanced weights by hand: N / (C x count) from inews train's labels.

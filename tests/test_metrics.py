@@ -18,11 +18,6 @@ def test_confusion_and_metrics_by_hand():
     assert m["n"] == 6
 
 
-def test_all_reduce_sum_is_identity_in_one_process():
-    t = torch.tensor([1.0, 2.0])
-    assert torch.equal(metrics.all_reduce_sum(t), t)
-
-
 def test_balanced_weights_by_hand():
     # 6 examples: 3 of a, 2 of b, 1 of c -> 6 / (3 x count); each class then weighs 6 / 3 = 2 in all.
     w = metrics.balanced_weights([0, 0, 0, 1, 1, 2], ["a", "b", "c"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from softprompt import engine, prompt, verbalizer
+from softprompt import loading, prompt, verbalizer
 from softprompt.collate import collate
 from softprompt.model import PromptedMT5
 
@@ -76,7 +76,7 @@ def test_bf16_scores_agree_with_fp32(frozen, tiny_model_dir, tiny_tokenizer):
              "球队昨晚逆转取胜", "暴雨导致多地停课", "新款手机销量创新高", "专家解读最新政策"]
     batch = collate([{"input_ids": x, "label": 0} for x in tiny_tokenizer(texts)["input_ids"]],
                     tiny_tokenizer.pad_token_id)
-    bf16 = engine.load_frozen_model(str(tiny_model_dir), frozen.config, dropout=0.0, dtype=torch.bfloat16).eval()
+    bf16 = loading.load_frozen_model(str(tiny_model_dir), frozen.config, dtype=torch.bfloat16, dropout=0.0).eval()
     pieces = [[3], [4], [5], [9]]
     ours = prompted(frozen, pieces)
     with torch.no_grad():

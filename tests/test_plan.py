@@ -43,13 +43,13 @@ def test_more_gpus_smaller_shard_and_checkpointing_saves_activations():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activation_formula_matches_measured(tiny_model_dir, dtype):
-    from softprompt import engine
+    from softprompt import loading
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     # The trainer's loader (softprompt.kernels: fused norm, GELU, CPU attention), dropout 0 as the
     # trainer's default: dropout would save masks
-    config = engine.load_model_config(str(tiny_model_dir))
-    mt5 = engine.load_frozen_model(str(tiny_model_dir), config, 0.0, torch_dtype)
+    config = loading.load_model_config(str(tiny_model_dir))
+    mt5 = loading.load_frozen_model(str(tiny_model_dir), config, torch_dtype)
     d, P, B, T = mt5.config.d_model, 6, 4, 40
     model = PromptedMT5(mt5, SoftPrompt(torch.randn(P, d)), torch.randn(3, d)).train()
     ids = torch.randint(5, mt5.config.vocab_size, (B, T))

@@ -15,7 +15,7 @@ import pytest
 from launcher import cli
 from softprompt.config import ConfigError
 from softprompt.tracking import (RUNAWAY_RATIO, Table, Tracker, WandbSettings, collapsed, default_wandb_mode,
-                                 git_commit, norm_guard, stability)
+                                 git_commit, norm_guard, stability, wandb_settings)
 from test_distributed import P, ROOT, deepspeed, ds_config, read_metrics, train_args
 
 
@@ -118,11 +118,12 @@ def test_wandb_config_and_history_mirror_metrics_jsonl(wandb_run):
     assert (run["project"], run["run_group"], run["tags"]) == ("p", "g", ["a", "b"])
     assert run["display_name"] == f"model_pl{P}_init-vocab_s1"  # the tiny model lives in .../model
     config = run["config"]["update"]
-    assert config["ds_config"] == json.loads(Path(ds).read_text())
+    assert config["ds_config"] == {**json.loads(Path(ds).read_text()), "gradient_accumulation_steps": 1}  # resolved
     assert config["batch"] == {"global_batch": 8, "micro_batch": 4, "grad_accum": 1, "world_size": 2}
     assert config["world_size"] == 2 and config["git_commit"] == git_commit()
     assert config["params_trainable"] == P * 32 < config["params_total"]
     assert config["train"]["wandb_mode"] == "offline" and config["model"]["prompt_length"] == P
+    assert config["wandb"]["mode"] == "offline" and config["recipe"]["lr"] == 0.3
 
     logged = history(records, run_dir)
     assert logged == jsonl_by_step(out)  # same steps, keys and values
@@ -175,39 +176,40 @@ def test_collapsed():
     assert collapsed({"a": 95, "b": 3, "c": 2}) and not collapsed({"a": 94, "b": 6}) and not collapsed({"a": 0})
 
 
+def settings(args, environ=None):
+    return wandb_settings(cli.parse(args), environ if environ is not None else {})
+
+
 def test_wandb_flags():
-    cfg = cli.parse(["--wandb_project=p", "--wandb_mode=offline", "--wandb_tags=a, b"]).train
-    assert cfg.wandb_run_name == "tiny_pl20_init-random_s0"
-    assert WandbSettings.from_config(cfg) == WandbSettings("p", "offline", "tiny_pl20_init-random_s0", None, ("a", "b"))
-    cfg = cli.parse(["--wandb_project=p", "--wandb_mode=disabled", "--model=google/mt5-xl", "--prompt_length=100",
-                     "--prompt_init=labels"]).train
-    assert cfg.wandb_run_name == "mt5-xl_pl100_init-labels_s0" and WandbSettings.from_config(cfg) is None
-    assert cli.parse([]).train.wandb_run_name is None  # W&B off: nothing resolved
+    assert settings(["--wandb_project=p", "--wandb_mode=offline", "--wandb_tags=a, b"]) == \
+        WandbSettings("p", "offline", "tiny_pl20_init-random_s0", None, ("a", "b"))
+    assert settings(["--wandb_project=p", "--wandb_mode=disabled"]) is None
+    assert settings(["--wandb_mode=offline", "--model=google/mt5-xl", "--prompt_length=100", "--prompt_init=labels"],
+                    {"WANDB_PROJECT": "env-p"}) == WandbSettings("env-p", "offline", "mt5-xl_pl100_init-labels_s0")
+    assert settings([]) is None  # W&B off: nothing resolved
+    assert settings(["--wandb_project=p"], {"WANDB_MODE": "offline"}).mode == "offline"
 
 
 @pytest.mark.parametrize("args, message", [
     (["--wandb_group=g"], "--wandb_group needs --wandb_project"),
-    (["--wandb_project=p", "--wandb_mode=cloud"], "--wandb_mode must be one of online, offline, disabled"),
+    (["--wandb_project=p", "--wandb_mode=cloud"], "--wandb_mode: invalid choice: 'cloud'"),
     (["--wandb_project=p", "--wandb_mode=offline", "--wandb_tags=a,,b"], "has an empty tag"),
     (["--wandb_project= "], "--wandb_project must not be empty"),
-    (["--peak_tflops=0"], "--peak_tflops must be > 0"),
+    (["--peak_tflops=0"], "--peak_tflops must be a finite number > 0"),
 ])
 def test_wandb_flag_errors(args, message):
     with pytest.raises(ConfigError, match=message):
-        cli.parse(args)
+        settings(args)
 
 
 def test_default_mode(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "dryrun")
     with pytest.raises(ConfigError, match=r"\$WANDB_MODE must be one of"):
-        cli.parse(["--wandb_project=p"])
-    monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert default_wandb_mode() == ("online", "default")
+        settings(["--wandb_project=p"], {"WANDB_MODE": "dryrun"})
+    assert default_wandb_mode({"WANDB_API_KEY": "k" * 40}) == ("online", "default")
     # No key anywhere (environment, netrc, settings): offline. In a fresh process, as wandb caches
     # its settings per process.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
     env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT), WANDB_CONFIG_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", "from softprompt.tracking import default_wandb_mode as d; print(d())"],
+    proc = subprocess.run([sys.executable, "-c", "import os; from softprompt.tracking import default_wandb_mode as d; print(d(os.environ))"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "('offline', 'default')", proc.stderr

@@ -1,5 +1,5 @@
-"""Run under the deepspeed launcher by tests/test_distributed.py: train a few steps with ZeRO-3 and
-report, as JSON, what can only be seen from inside the ranks.
+"""Run under the deepspeed launcher by tests/test_distributed.py: train a few steps with ZeRO-3 through the
+library's run object (no launcher code) and report, as JSON, what can only be seen from inside the ranks.
 
     deepspeed --num_gpus 2 tests/zero3_checks.py REPORT.json <train.py flags>
 """
@@ -11,10 +11,9 @@ import torch
 from safetensors import safe_open
 
 from launcher import cli
-from launcher import main as launcher_main
-from softprompt import engine, metrics, trainer
+from softprompt import dist, engine
 from softprompt.prompt import gathered, read_state
-from softprompt.tracking import Tracker
+from softprompt.recipe import TrainRecipe
 
 
 def frozen_snapshot(model):
@@ -24,26 +23,21 @@ def frozen_snapshot(model):
 
 
 def main(report_path, argv):
-    cfg = cli.parse(argv)
-    v = launcher_main.validate(cfg)
-    rank, world = engine.init_distributed()
-    eng = launcher_main.build(cfg, v)
+    recipe = TrainRecipe(cli.parse(argv))
+    recipe.setup()
+    v, eng, rank, world = recipe.inputs, recipe.engine, recipe.rank, recipe.world
     model = eng.module
     mt5 = model.mt5
 
     before, prompt_before = frozen_snapshot(model), read_state(model.prompt)
-    with safe_open(f"{v.model_path}/model.safetensors", "pt") as f:
+    with safe_open(f"{v.source.path}/model.safetensors", "pt") as f:
         saved_head = f.get_tensor("lm_head.weight")
         saved_shared = f.get_tensor("shared.weight")
     with gathered([mt5.lm_head.weight, mt5.shared.weight]):
         head_is_checkpoint = torch.equal(mt5.lm_head.weight, saved_head)
         shared_is_checkpoint = torch.equal(mt5.shared.weight, saved_shared)
     head_rows = torch.stack([saved_head[p].mean(0) for p in v.pieces])
-
-    tracker = Tracker(cfg.train.output_dir, rank == 0, v.schedule.total_steps, quiet=True)
-    trainer.train(eng, v.splits, v.sizes, v.schedule, cfg, tracker, v.tokenizer.pad_token_id, rank,
-                  engine.device())
-    tracker.close()
+    recipe.train()
 
     after, prompt_after = frozen_snapshot(model), read_state(model.prompt)
     local, full = engine.frozen_numel(model)
@@ -52,12 +46,12 @@ def main(report_path, argv):
     report = {
         "world": world,
         "frozen_full": full,
-        "frozen_per_rank": metrics.all_reduce_sum(per_rank).tolist(),
+        "frozen_per_rank": dist.all_reduce_sum(per_rank).tolist(),
         "frozen_unchanged": all(torch.equal(before[n], after[n]) for n in before),
         "frozen_names": len(before),
         "prompt_changed": {n: not torch.equal(prompt_before[n], prompt_after[n]) for n in prompt_after},
         "prompt_numel": sum(t.numel() for t in prompt_after.values()),
-        "optimizer_state_numel": int(metrics.all_reduce_sum(torch.tensor(engine.optimizer_state_numel(eng)))),
+        "optimizer_state_numel": int(dist.all_reduce_sum(torch.tensor(engine.optimizer_state_numel(eng)))),
         "lm_head_untied": mt5.lm_head.weight is not mt5.shared.weight,
         "lm_head_is_checkpoint": head_is_checkpoint,
         "shared_is_checkpoint": shared_is_checkpoint,
@@ -66,7 +60,7 @@ def main(report_path, argv):
     if rank == 0:
         with open(report_path, "w") as f:
             json.dump(report, f)
-    engine.close_distributed()
+    recipe.close()
 
 
 if __name__ == "__main__":
