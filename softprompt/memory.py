@@ -3,7 +3,7 @@
 Activations, in bytes per sample (`activations`). L encoder tokens (prompt + input), Q decoder tokens
 (1; prompt + 1 with deep prompts in the decoder), b activation dtype bytes, d d_model, i = heads x
 d_kv, f d_ff, h heads, F = 3 (gated-gelu: the fused GELU's input, wi_1's output, their product) or 1
-(relu). Frozen weights: a Linear saves only its input (its input gradient needs only the weight).
+(relu). The weights are frozen, so a Linear saves nothing: its input gradient needs only the weight.
 
     rmsnorm ln = its input + the fp32 rstd. The residual stream has the weights' dtype: T5's
         `_keep_in_fp32_modules = ["wo"]` applies to fp16 loads only, a bf16 load has a bf16 `wo`.

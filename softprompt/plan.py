@@ -124,8 +124,8 @@ def _reason(plans: list[Plan], p: Plan, ckpt: bool, micro: int) -> str:
         why = "; ".join(f"{q.mode} does not fit micro-batch 1 even with checkpointing ({q.total(1, True) / GIB:.1f} "
                         f"GiB > {cap:.1f})" for q in plans[:plans.index(p)]) or f"{p.mode} as asked"
     if ckpt:
-        why += f"; activation checkpointing, as micro-batch 1 needs {p.total(1, False) / GIB:.1f} GiB without it"
-    return why
+        return why + f"; activation checkpointing, as micro-batch 1 needs {p.total(1, False) / GIB:.1f} GiB without it"
+    return why + f"; activation checkpointing would fit micro-batch {p.max_micro_batch(True)} at one more forward"
 
 
 def plans_for(shape: Shape, world: int, mem_gb: float, seq_len: int, prompt_length: int, dtype: str,
@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, json.JSONDecodeError) as e:
                 raise PlanError(f"--ds_config {args.ds_config}: cannot read it ({e})") from None
         if args.offload or args.ds.get("zero_optimization", {}).get("offload_param", {}).get("device") == "cpu":
+            if args.mode not in ("auto", "zero3_offload"):
+                raise PlanError(f"--offload (or the ds_config's offload_param) contradicts --mode {args.mode}")
             args.mode = "zero3_offload"
         per_node, share = args.gpus // args.nodes, per_gpu_batch(args.global_batch, args.gpus)
         plans = plans_for(resolve_shape(args.model), args.gpus,

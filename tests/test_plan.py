@@ -194,7 +194,8 @@ def test_cli_prints_a_recommendation_and_bad_input_exits_2(capsys):
     assert plan.main(["--model", "mt5-xxl", "--gpu_mem_gb", "3.5"]) == 1  # nothing fits: said, not exit 0
     assert "Recommendation: none" in capsys.readouterr().out
     for argv in (["--model", "mt5-nope"], ["--gpus", "0"], ["--ds_config", "/no/such.json"],
-                 ["--gpus", "8", "--nodes", "3"], ["--global_batch", "12"], ["--host_mem_gb", "24", "--dtype", "bf16"]):
+                 ["--gpus", "8", "--nodes", "3"], ["--global_batch", "12"], ["--host_mem_gb", "24", "--dtype", "bf16"],
+                 ["--mode", "replicated", "--offload"], ["--dtype", "fp32", "--mode", "zero3_offload"]):
         assert plan.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
