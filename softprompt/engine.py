@@ -98,7 +98,7 @@ def build(cfg, v):
 
     m = cfg.model
     dtype = torch.bfloat16 if v.settings.bf16 else torch.float32
-    mt5 = load_frozen_model(v.source, v.model_config, dtype, v.ds_config, m.dropout, cfg.train.activation_checkpointing)
+    mt5 = load_frozen_model(v.source, v.model_config, dtype, v.ds_config, m.dropout, v.activation_checkpointing)
     with prompt_lib.gathered([mt5.lm_head.weight]):
         head = verbalizer.class_head(mt5.lm_head.weight.detach(), v.pieces)  # (C, D), a copy
     prompt = None

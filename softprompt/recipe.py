@@ -55,6 +55,7 @@ class Inputs:
     init_prompt: torch.Tensor | None  # (L, P, D) from --init_prompt
     class_weights: list[float] | None
     wandb: object  # tracking.WandbSettings or None
+    activation_checkpointing: bool  # asked for, or what --ds_config auto's plan needs
 
 
 def default_lr(cfg: RunConfig) -> float:
@@ -71,15 +72,11 @@ def validate(cfg: RunConfig) -> Inputs:
     source = loading.model_source(cfg.model.model)
     model_config = loading.load_model_config(source)
     world = dsconfig.world_size_from_env()
-    if t.ds_config == "auto":
-        name, why = auto_ds_config(cfg, model_config, world)
-        raw, ds_source = dsconfig.load(name)
-        ds_source = f"auto: {name} ({why})"
-    else:
-        raw, ds_source = dsconfig.load(t.ds_config) if isinstance(t.ds_config, str) else (t.ds_config, "config file")
-    ds_config, sizes, notes = dsconfig.resolve(raw, f"--ds_config {ds_source}", world, global_batch=t.global_batch,
-                                               micro_batch=t.micro_batch, lr=t.lr, default_lr=default_lr(cfg))
-    dsconfig.check_with_deepspeed(ds_config, f"--ds_config {ds_source}")
+    _, raw, ds_source, micro_cap, checkpointing = plan_parallelism(cfg, model_config, source, world)
+    where = f"--ds_config {ds_source.split(' (')[0]}"
+    ds_config, sizes, notes = dsconfig.resolve(raw, where, world, global_batch=t.global_batch, micro_batch=t.micro_batch,
+                                               lr=t.lr, default_lr=default_lr(cfg), micro_cap=micro_cap)
+    dsconfig.check_with_deepspeed(ds_config, where)
     tokenizer = loading.load_tokenizer(source)
     cache_dir = cfg.data.cache_dir or os.path.join(tiny.cache_dir(), "tokenized")
     splits = data.tokenize_splits(data.load_splits(cfg.data), tokenizer, cfg.data.max_length, cache_dir)
@@ -95,16 +92,56 @@ def validate(cfg: RunConfig) -> Inputs:
     init = load_init_prompt(cfg, model_config, splits.label_names, tok_hash) if t.init_prompt else None
     return Inputs(ds_config, ds_source, dsconfig.Settings.of(ds_config), sizes, notes, source, model_config,
                   tokenizer, tok_hash, splits, pieces, schedule, checkpoint.find_checkpoint(t.output_dir, t.resume),
-                  init, weights, wandb_settings(cfg, os.environ))
+                  init, weights, wandb_settings(cfg, os.environ), checkpointing)
 
 
-def auto_ds_config(cfg: RunConfig, model_config, world: int) -> tuple[str, str]:
-    """--ds_config auto: the shipped config the planner recommends for this model on these devices."""
+def devices(world: int) -> tuple[str, int, int, float]:
+    """(gpu or cpu, ranks per node, nodes, GiB per GPU or per host) as the launcher's environment and the
+    visible devices say, before any process group exists."""
+    import torch.cuda
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu":  # TODO(plan): softprompt.plan.recommend on host memory
-        return "replicated_cpu", "CPU"
-    return "zero3_bf16", "GPU"
+    gpu = get_accelerator().device_name() != "cpu"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+                or (min(world, torch.cuda.device_count()) if gpu else world))
+    if gpu:
+        memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    else:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return ("gpu" if gpu else "cpu"), local, -(-world // local), memory / 2**30
+
+
+def plan_parallelism(cfg: RunConfig, model_config, source, world: int) -> tuple[object, dict, str, int, bool]:
+    """Where the planner (softprompt/plan.py) decides: (its recommendation for --ds_config auto, else None;
+    the DeepSpeed JSON and where it came from; the largest micro-batch for an "auto" micro-batch; whether
+    activation checkpointing is on: asked for, or what the recommendation needs)."""
+    from . import plan
+
+    kind, per_node, nodes, mem_gb = devices(world)
+    shape = plan.shape_from_hf_config(model_config, source.name, tied=not loading.checkpoint_has_lm_head(source))
+    m, t = cfg.model, cfg.train
+    sizes = dict(seq_len=cfg.data.max_length, prompt_length=max(1, m.prompt_length), prompt_depth=m.prompt_depth)
+    rec = None
+    try:
+        if t.ds_config == "auto":
+            recommend = plan.recommend if kind == "gpu" else plan.recommend_cpu
+            rec = recommend(shape, per_node, nodes, mem_gb, global_batch=t.global_batch, **sizes)
+            raw, source_name = dsconfig.load(rec.config)[0], f"{rec.config} (--ds_config auto: {rec.reason})"
+        else:
+            raw, source_name = dsconfig.load(t.ds_config) if isinstance(t.ds_config, str) else (t.ds_config,
+                                                                                                "config file")
+        checkpointing = t.activation_checkpointing or bool(rec and rec.activation_checkpointing)
+        if kind == "cpu":  # larger micro-batches gain nothing on a few cores
+            cap = dsconfig.CPU_MICRO_BATCH_CAP
+            return rec, raw, source_name, min(rec.micro_batch, cap) if rec else cap, checkpointing
+        settings = dsconfig.Settings.of({"optimizer": {}, **raw})
+        mode = "zero3_offload" if settings.offload_param else "zero3" if settings.stage == 3 else "replicated"
+        fit = plan.plans_for(shape, world, mem_gb, dtype="bf16" if settings.bf16 else "fp32", headroom_gb=3.0,
+                             modes=(mode,), ds_config=raw, **sizes)[0].max_micro_batch(checkpointing)
+    except plan.PlanError as e:
+        raise ConfigError(f"--ds_config {t.ds_config if isinstance(t.ds_config, str) else 'from --config'}: {e}") \
+            from None
+    return rec, raw, source_name, max(1, fit), checkpointing
 
 
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str) -> torch.Tensor:

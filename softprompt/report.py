@@ -41,7 +41,7 @@ def header(cfg: RunConfig, v) -> str:
         f"model: {v.source.describe()} ({mc.model_type}, d_model {mc.d_model}, {mc.num_layers}+"
         f"{mc.num_decoder_layers} layers, vocab {mc.vocab_size}); tune {cfg.model.tune}; {describe_prompt(cfg, mc)}",
         f"parallelism: {mode}{', frozen weights offloaded to CPU' if st.offload_param else ''}, "
-        f"{'bf16' if st.bf16 else 'fp32'}{', activation checkpointing' if cfg.train.activation_checkpointing else ''}"
+        f"{'bf16' if st.bf16 else 'fp32'}{', activation checkpointing' if v.activation_checkpointing else ''}"
         f"; DeepSpeed JSON {v.ds_source}",
         f"batch: global {v.sizes.global_batch} = micro {v.sizes.micro_batch} x accum {v.sizes.grad_accum} x "
         f"world {v.sizes.world_size}; optimizer {st.optimizer} lr {st.lr:g}"
@@ -62,7 +62,8 @@ def replayable(cfg: RunConfig, v) -> dict:
         ds[key] = AUTO
     ds["optimizer"].setdefault("params", {})["lr"] = AUTO
     out["train"].update(ds_config=ds, global_batch=v.sizes.global_batch, micro_batch=v.sizes.micro_batch,
-                        lr=v.settings.lr, overwrite=False, dry_run=False)
+                        lr=v.settings.lr, activation_checkpointing=v.activation_checkpointing, overwrite=False,
+                        dry_run=False)
     if v.wandb is not None:
         out["train"].update(wandb_project=v.wandb.project, wandb_mode=v.wandb.mode, wandb_run_name=v.wandb.name)
     return out
@@ -82,6 +83,7 @@ def resolved(cfg: RunConfig, v, world: int, counts: dict) -> dict:
 
     return {**cfg.to_dict(), "ds_config": v.ds_config, "ds_config_source": v.ds_source,
             "recipe": v.settings.recipe(v.ds_config), "batch": asdict(v.sizes), "auto": v.notes,
+            "activation_checkpointing": v.activation_checkpointing,
             "wandb": asdict(v.wandb) if v.wandb else None, "world_size": world, **counts, "git_commit": git_commit()}
 
 

@@ -171,3 +171,13 @@ def test_found_by_name_or_path(tmp_path, monkeypatch):
     p.write_text('{\n  "train_batch_size": 8,\n  "optimizer": {,}\n}')
     with pytest.raises(ConfigError, match=r"ds\.json: line 3: invalid JSON"):
         dsconfig.load(str(p))
+
+
+def test_auto_runs_the_planners_choice(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--dry_run", "--inews_content_chars", "0", "--max_length", "24", "--output_dir",
+                 str(tmp_path / "o")]) == 0  # --ds_config auto is the default
+    out = capsys.readouterr().out
+    assert "parallelism: replicated (ZeRO stage 0), fp32; DeepSpeed JSON replicated_cpu (--ds_config auto: the full " \
+           "weights" in out
+    assert "batch: global 32 = micro 16 x accum 1 x world 2" in out
