@@ -132,8 +132,8 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
 
 
 def test_rows_from_different_tokenizers_are_flagged():
-    """`--model tiny` trains its vocabulary: another sentencepiece version gives another model (seen: 0.2.2
-    against 0.2.3), so a table mixing them must say so."""
+    """`--model tiny` trains its vocabulary: another sentencepiece version gives another model, so a table
+    mixing them must say so."""
     same = [{**row(0.5), "tokenizer_hash": "aaaa"}, None, {**row(0.6), "tokenizer_hash": "aaaa"}, row(0.7)]
     assert quality.tokenizer_warning(same) is None  # row(0.7): an older results.json without the hash
     mixed = same + [{**row(0.6), "tokenizer_hash": "bbbb"}]
