@@ -1,120 +1,98 @@
-"""Prompt-length scaling study: models x inits x prompt lengths x seeds, one training run each.
+"""Prompt-length scaling study: models x prompt depths x learning rates x inits x prompt lengths x seeds,
+one training run each.
 
     python -m launcher.sweep --lengths 1,5,20,50,100,150 --seeds 0,1,2 --models google/mt5-base,google/mt5-xl \
-        --out runs/sweep -- --ds_config ds_configs/zero3_bf16.json --dataset inews
+        --output_dir runs/sweep -- --ds_config ds_configs/zero3_bf16.json --dataset inews
 
 writes runs/sweep/sweep.json (one entry per task: its grid point, output dir and train.py args) and
 submits ONE Slurm job array, `sbatch --array=0-(N-1)%K slurm/sweep.sbatch runs/sweep/sweep.json`,
 whose task i runs entry i. `--local` runs the same entries here without Slurm, `--jobs` at a time.
-`python -m launcher.aggregate runs/sweep` then summarizes and plots them.
+`--lrs` sweeps train.py's --lr (the DeepSpeed JSON's optimizer lr must be "auto"), `--depths` its
+--prompt_depth. `python -m launcher.aggregate runs/sweep` then summarizes and plots them.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import itertools
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launcher import args as cli_args
+from launcher.args import UsageError
+from softprompt.config import PROMPT_DEPTHS
+
 ROOT = Path(__file__).resolve().parents[1]
 INITS = ("random", "vocab", "labels")
 # Set by the grid for every task, so they cannot also come after `--`.
-GRID_FLAGS = ("--model", "--prompt_init", "--prompt_length", "--seed", "--output_dir", "--resume")
-
-
-class UsageError(ValueError):
-    """Bad command-line input: one line on stderr, exit code 2."""
+GRID_FLAGS = ("--model", "--prompt_init", "--prompt_length", "--seed", "--lr", "--prompt_depth", "--output_dir",
+              "--resume")
 
 
 def expand(models: list[str], inits: list[str], lengths: list[int], seeds: list[int], out: Path,
-           extra: list[str]) -> list[dict]:
-    """The grid, one task per (model, init, length, seed), seeds innermost. Pure."""
+           extra: list[str], lrs: list[float | None] = (None,), depths: list[str] = ("input",)) -> list[dict]:
+    """The grid, one task per (model, depth, lr, init, length, seed), seeds innermost; lr None: the
+    DeepSpeed JSON's. Task names carry the lr and the depth when the grid has several. Pure."""
     tasks = []
-    for model in models:
-        for init in inits:
-            for length in lengths:
-                for seed in seeds:
-                    i = len(tasks)
-                    name = f"{i:03d}_{Path(model).name}_{init}_len{length}_seed{seed}"
-                    tasks.append({
-                        "model": model, "init": init, "prompt_length": length, "seed": seed,
-                        "output_dir": str(out / "runs" / name),
-                        "args": ["--model", model, "--prompt_init", init, "--prompt_length", str(length),
-                                 "--seed", str(seed), "--quiet", *extra],
-                    })
+    for model, depth, lr, init, length, seed in itertools.product(models, depths, lrs, inits, lengths, seeds):
+        axes = (f"_lr{lr}" if len(lrs) > 1 else "") + (f"_{depth}" if len(depths) > 1 else "")
+        name = f"{len(tasks):03d}_{Path(model).name}_{init}_len{length}{axes}_seed{seed}"
+        tasks.append({
+            "model": model, "init": init, "prompt_length": length, "seed": seed, "lr": lr, "prompt_depth": depth,
+            "output_dir": str(out / "runs" / name),
+            "args": ["--model", model, "--prompt_init", init, "--prompt_length", str(length), "--seed", str(seed),
+                     *(["--lr", str(lr)] if lr is not None else []), "--prompt_depth", depth, "--quiet", *extra],
+        })
     return tasks
 
 
-def _list(flag: str, text: str, kind=str) -> list:
-    items = [s.strip() for s in text.split(",")]
-    if not text.strip() or not all(items):
-        raise UsageError(f"{flag} needs a comma-separated list, got {text!r}")
-    try:
-        values = [kind(s) for s in items]
-    except ValueError:
-        raise UsageError(f"{flag}: {text!r} is not a list of integers") from None
-    if len(set(values)) != len(values):
-        raise UsageError(f"{flag}: {text!r} repeats a value")
-    return values
-
-
-def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(our flags, the train.py flags after `--`)."""
-    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-
-
-def choices(flag: str, text: str, allowed: tuple[str, ...], noun: str) -> list[str]:
-    """A comma-separated list whose every item is one of `allowed` (a `noun`, in the error)."""
-    values = _list(flag, text)
-    if unknown := [v for v in values if v not in allowed]:
-        raise UsageError(f"{flag}: unknown {noun} {unknown[0]!r} (choose from {', '.join(allowed)})")
-    return values
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m launcher.sweep", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                usage="%(prog)s --lengths L,.. --seeds S,.. --models M,.. --out DIR [options] [-- train.py args]")
+def build_parser() -> cli_args.Parser:
+    p = cli_args.Parser(prog="python -m launcher.sweep", description=__doc__,
+                        usage="%(prog)s --lengths L,.. --seeds S,.. --output_dir DIR [options] [-- train.py args]")
     p.add_argument("--lengths", required=True, help="prompt lengths, e.g. 1,5,20,50,100,150")
     p.add_argument("--seeds", required=True, help="seeds, e.g. 0,1,2")
-    p.add_argument("--models", required=True, help="HF hub ids or local model dirs (or 'tiny'), comma-separated")
-    p.add_argument("--inits", default="random", help=f"prompt inits, from {', '.join(INITS)}")
-    p.add_argument("--out", required=True, help="sweep directory: sweep.json, runs/, logs/, then the summary")
+    p.add_argument("--models", default="tiny", help="HF hub ids or local model dirs (or 'tiny'), comma-separated")
+    p.add_argument("--inits", default="random", help=f"prompt inits, comma-separated, from {', '.join(INITS)}")
+    p.add_argument("--lrs", help="learning rates, comma-separated, passed as train.py --lr (which needs "
+                                 "\"lr\": \"auto\" in the DeepSpeed JSON); unset: the JSON's own lr, no lr axis")
+    p.add_argument("--depths", default="input",
+                   help=f"prompt depths (train.py --prompt_depth), comma-separated, from {', '.join(PROMPT_DEPTHS)}")
+    cli_args.add_output_dir(p, "sweep directory: sweep.json, runs/, logs/, then the summary")
     p.add_argument("--max_concurrent", type=int, default=0,
                    help="at most K array tasks running at once (0 = no limit)")
     p.add_argument("--dry_run", action="store_true", help="write sweep.json and print the command, submit nothing")
     p.add_argument("--local", action="store_true",
                    help="run the tasks here without Slurm, --jobs at a time (finished tasks are skipped)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="with --local: tasks at once, each with the cores split as torch threads, output in "
-                        "OUT/logs/ (default 1: one after another, output here)")
+                   help="with --local: tasks at once; above 1 each gets the cores split as torch threads and "
+                        "writes its output to OUTPUT_DIR/logs/")
     return p
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[dict]]:
-    own, extra = split_extra(argv)
+def parse(argv: list[str]) -> tuple:
+    """(our flags, the tasks)."""
+    own, extra = cli_args.split_extra(argv)
     args = build_parser().parse_args(own)
-    inits = choices("--inits", args.inits, INITS, "init")
-    lengths = _list("--lengths", args.lengths, int)
+    cli_args.require(args, "--output_dir")
+    inits = cli_args.choices("--inits", args.inits, INITS, "init")
+    depths = cli_args.choices("--depths", args.depths, PROMPT_DEPTHS, "prompt depth")
+    lengths = cli_args.parse_list("--lengths", args.lengths, int)
     if min(lengths) <= 0:
         raise UsageError(f"--lengths must be > 0, got {args.lengths}")
+    lrs = [None] if args.lrs is None else cli_args.parse_list("--lrs", args.lrs, float)
+    if lrs != [None] and min(lrs) <= 0:
+        raise UsageError(f"--lrs must be > 0, got {args.lrs}")
     if args.jobs < 1 or (args.jobs > 1 and not args.local):
         raise UsageError(f"--jobs must be >= 1 and is for --local runs, got --jobs {args.jobs}")
     if args.max_concurrent < 0:
         raise UsageError(f"--max_concurrent must be >= 0, got {args.max_concurrent}")
-    if clash := [a for a in extra if a.split("=")[0] in GRID_FLAGS]:
-        raise UsageError(f"{clash[0].split('=')[0]} is set by the sweep; remove it after --")
-    out = Path(args.out).resolve()
-    return args, expand(_list("--models", args.models), inits, lengths, _list("--seeds", args.seeds, int), out,
-                        extra)
+    cli_args.reject(extra, GRID_FLAGS, "the sweep")
+    out = Path(args.output_dir).resolve()
+    return args, expand(cli_args.parse_list("--models", args.models), inits, lengths,
+                        cli_args.parse_list("--seeds", args.seeds, int), out, extra, lrs, depths)
 
 
 def sbatch_command(sweep_json: Path, n_tasks: int, max_concurrent: int) -> list[str]:
@@ -127,16 +105,16 @@ def sbatch_command(sweep_json: Path, n_tasks: int, max_concurrent: int) -> list[
 def run_local(tasks: list[dict], dry_run: bool, jobs: int = 1, log_dir: Path | None = None) -> int:
     """Run the tasks here, `jobs` at a time, skipping finished ones; 1 if any failed. With jobs > 1 each
     task writes its output to log_dir/<run name>.log and gets the cores split `jobs` ways as torch threads
-    (OMP_NUM_THREADS, unless set): the tiny model barely uses a second thread, so on 2 cores two 1-thread
-    runs at once did 1.56x the work of one 2-thread run (60 steps of 20-token prompt tuning)."""
-    from .aggregate import describe
+    (OMP_NUM_THREADS, unless set): a small model keeps one thread busier than several, so parallel
+    runs get more done than threads within one run."""
+    from launcher.aggregate import describe
 
     todo = []
     for i, task in enumerate(tasks):
         # --resume auto: a run stopped by a signal (it checkpoints and exits 75) goes on where it stopped.
         cmd = [sys.executable, "train.py", *task["args"], "--output_dir", task["output_dir"], "--resume", "auto"]
         if dry_run:
-            print(" ".join(cmd))
+            print(shlex.join(cmd))
         elif (Path(task["output_dir"]) / "results.json").exists():
             print(f"task {i}: done already ({task['output_dir']})")
         else:
@@ -178,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()
+    out = Path(args.output_dir).resolve()
     sweep_json = out / "sweep.json"
     from softprompt.io import write_json
 
@@ -189,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = sbatch_command(sweep_json, len(tasks), args.max_concurrent)
     if args.dry_run:
-        print(" ".join(cmd))
+        print(shlex.join(cmd))
         return 0
     (out / "logs").mkdir(exist_ok=True)  # Slurm does not create the log directory
     # The sweep's name groups its runs in W&B; each task's own run id is keyed on its array task.

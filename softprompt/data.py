@@ -33,6 +33,9 @@ SPLIT_STEMS = {"train": ("train",), "dev": ("validation", "dev", "valid"), "test
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 INEWS = "inews"
 INEWS_UNTITLED_CHARS = 30  # about a title's length (titles average ~24 characters)
+# Files are UTF-8; "utf-8-sig" also drops the byte-order mark some editors (Excel, Notepad) write first,
+# which would otherwise become part of the first field's name.
+ENCODING = "utf-8-sig"
 
 
 @dataclass
@@ -204,6 +207,7 @@ def read_file(path: Path, fields: dict[str, str]) -> dict[str, list]:
                 na_filter=False,
                 # TSV files rarely quote: a stray " must stay part of the text.
                 quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+                encoding=ENCODING,
             )
     except ConfigError:
         raise
@@ -291,7 +295,7 @@ def where_row(path, row: int) -> str:
 
 def _record_lines(path: Path) -> list[int]:
     """The physical line (1-based) on which each record of ``path`` starts."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding=ENCODING, errors="replace", newline="") as f:
         if _format(path) == "json":
             lines = [i for i, line in enumerate(f, 1) if line.strip()]
             f.seek(0)
@@ -316,8 +320,10 @@ def _csv_reader(f, path: Path):
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding=ENCODING, errors="replace", newline="") as f:
         header = next(_csv_reader(f, path), None)
+    if header is None:
+        raise ConfigError(f"{path}: no examples")
     if not header:
         raise ConfigError(f"{path}:1: expected a header line naming the fields, got an empty line")
     return header
@@ -338,11 +344,13 @@ def _bad_utf8(path: Path) -> ConfigError:
 def _locate_parse_error(path: Path, fmt: str, error: Exception) -> ConfigError:
     """datasets' parse errors carry no line number: re-read the file to find the bad line."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding=ENCODING, newline="") as f:
+            records = 0
             if fmt == "json":
                 for i, line in enumerate(f, 1):
                     if not line.strip():
                         continue
+                    records += 1
                     try:
                         obj = json.loads(line.rstrip("\r\n"))
                     except json.JSONDecodeError as e:
@@ -366,8 +374,12 @@ def _locate_parse_error(path: Path, fmt: str, error: Exception) -> ConfigError:
                                 f"{path}:{reader.line_num}: expected {width} fields like the header, "
                                 f"got {len(row)}"
                             )
+                        elif row:
+                            records += 1
                 except csv.Error as e:
                     return ConfigError(f"{path}:{reader.line_num}: malformed {fmt}: {e}")
+            if records == 0:  # datasets fails on a file without records, with no useful message
+                return ConfigError(f"{path}: no examples")
     except UnicodeDecodeError:
         return _bad_utf8(path)
     # Not found by the scan: pass on the underlying reason on one line.

@@ -1,6 +1,6 @@
 """Faster kernels for a frozen T5/mT5, swapped into one model object in place: `fuse(mt5)`.
 
-The trainer applies it at load time (`engine.load_frozen_model`) and the benchmark to ours only, so
+The trainer applies it at load time (`loading.load_frozen_model`) and the benchmark to ours only, so
 HF PEFT's model there keeps HF's modules. Same functions as HF's, so the same values up to rounding
 (tests/test_kernels.py); measured on the 2-core CPU, bf16 mT5-small shape, batch 8 x 148 tokens:
 

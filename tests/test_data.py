@@ -252,3 +252,33 @@ def test_not_utf8_names_line(tmp_path):
     with open(tmp_path / "train.jsonl", "ab") as f:
         f.write(b'{"text": "\xff", "label": 0}\n')
     raises(tmp_path, "train.jsonl:2", "not UTF-8")
+
+
+BOM = "\ufeff"  # the byte-order mark Excel and Notepad write at the start of a UTF-8 file
+
+
+@pytest.mark.parametrize("ext, header, row", [("csv", "text,label", "{},{}"), ("tsv", "text\tlabel", "{}\t{}"),
+                                              ("jsonl", None, '{{"text": "{}", "label": {}}}')])
+def test_utf8_byte_order_mark_is_not_part_of_a_field(tmp_path, ext, header, row):
+    def rows(*pairs):
+        return BOM + "".join(line + "\n" for line in ([header] if header else []) + [row.format(*p) for p in pairs])
+
+    write(tmp_path / f"train.{ext}", rows(("好", 1), ("坏", 0)))
+    write(tmp_path / f"dev.{ext}", rows(("行", 1)))
+    s = load(tmp_path)
+    assert s.train["text"] == ["好", "坏"] and s.train.column_names == ["text", "label"]
+    # Error lines are still physical lines of the file with the mark.
+    write(tmp_path / f"dev.{ext}", rows(("行", 1), ("新", 7)))
+    raises(tmp_path, f"dev.{ext}:{3 if header else 2}", "label 7")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("train.jsonl", ""), ("train.jsonl", "\n  \n"), ("train.jsonl", BOM), ("dev.jsonl", ""), ("test.jsonl", ""),
+    ("train.csv", ""), ("train.csv", "text,label\n"), ("train.tsv", ""), ("dev.tsv", "text\tlabel\n\n"),
+])
+def test_a_file_without_examples_says_so(tmp_path, name, text):
+    for split, rows in (("train", TRAIN), ("dev", DEV)):
+        jsonl(tmp_path / f"{split}.jsonl", rows)
+    (tmp_path / f"{name.split('.')[0]}.jsonl").unlink(missing_ok=True)
+    write(tmp_path / name, text)
+    assert raises(tmp_path) == f"{tmp_path / name}: no examples"

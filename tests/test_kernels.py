@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from launcher import bench
+from benchmarks import bench
 from softprompt import kernels
 
 TINY = dict(vocab_size=300, d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, dropout_rate=0.0,

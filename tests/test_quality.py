@@ -1,4 +1,4 @@
-"""launcher.quality: the method grid (pure), the summary (pure), and a CI-sized benchmark end to end."""
+"""benchmarks.quality: the method grid (pure), the summary (pure), and a CI-sized benchmark end to end."""
 
 import csv
 import json
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import quality, sweep
+from benchmarks import quality
+from launcher.args import UsageError
 
 
 def test_expand_methods_seeds_innermost(tmp_path):
@@ -47,13 +48,13 @@ def test_residual_prompts_get_their_own_ds_config(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(quality.__file__).resolve().parents[1])  # the shipped ds_configs/ paths
 
     def residual_config(*flags):
-        _, tasks, _ = quality.parse(["--out", str(tmp_path), "--methods", "residual", "--seeds", "0", *flags])
+        _, tasks, _ = quality.parse(["--output_dir", str(tmp_path), "--methods", "residual", "--seeds", "0", *flags])
         return tasks[0]["args"][1]
 
     assert residual_config() == "ds_configs/zero3_cpu_bf16_deep.json"  # lr 0.03, not prompt tuning's 0.3
     other = "ds_configs/zero3_cpu_bf16.json"
     assert residual_config("--residual_ds_config", other) == other
-    with pytest.raises(sweep.UsageError, match="--residual_ds_config nope.json: file not found"):
+    with pytest.raises(UsageError, match="--residual_ds_config nope.json: file not found"):
         residual_config("--residual_ds_config", "nope.json")
 
 
@@ -76,13 +77,13 @@ def test_summary_against_full_and_init_effects():
 
 
 def test_bad_input_exits_2(tmp_path, capsys):
-    assert quality.main(["--out", str(tmp_path), "--methods", "prompt,bogus"]) == 2
+    assert quality.main(["--output_dir", str(tmp_path), "--methods", "prompt,bogus"]) == 2
     assert "unknown method 'bogus'" in capsys.readouterr().err
-    assert quality.main(["--out", str(tmp_path), "--", "--tune", "full"]) == 2
+    assert quality.main(["--output_dir", str(tmp_path), "--", "--tune", "full"]) == 2
     assert "--tune is set by the benchmark" in capsys.readouterr().err
-    assert quality.main(["--out", str(tmp_path), "--", "--class_weights", "balanced"]) == 2
+    assert quality.main(["--output_dir", str(tmp_path), "--", "--class_weights", "balanced"]) == 2
     assert "--class_weights is set by the benchmark" in capsys.readouterr().err
-    assert quality.main(["--out", str(tmp_path), "--balanced", "full,nope"]) == 2
+    assert quality.main(["--output_dir", str(tmp_path), "--balanced", "full,nope"]) == 2
     assert "--balanced: unknown method 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "quality.json").exists()
 
@@ -94,7 +95,7 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
     out = tmp_path / "q"
     train = ["--model", str(tiny_model_dir), "--dataset", "inews", "--inews_content_chars", "0",
              "--max_length", "24", "--max_steps", "3", "--eval_every", "3", "--log_every", "1"]
-    assert quality.main(["--out", str(out), "--seeds", "0", "--lengths", "5", "--inits", "random",
+    assert quality.main(["--output_dir", str(out), "--seeds", "0", "--lengths", "5", "--inits", "random",
                          "--method_lengths", "5", "--balanced", "full", "--jobs", "2", "--", *train]) == 0
     assert len(list((out / "logs").glob("*_seed0*.log"))) == 5  # --jobs 2: each run's output in its own log
     table = list(csv.DictReader((out / "quality.csv").open()))
@@ -123,7 +124,7 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
     prompt_json = json.loads((out / "runs" / "prompt_random_len5_seed0" / "prompt.json").read_text())
     assert full["tokenizer_hash"] == prompt_json["tokenizer_hash"] and len(full["tokenizer_hash"]) == 16
     # A larger grid over the same OUT: finished runs are reused, the rest reported missing, nothing runs.
-    assert quality.main(["--out", str(out), "--seeds", "0,1", "--lengths", "5", "--inits", "random",
+    assert quality.main(["--output_dir", str(out), "--seeds", "0,1", "--lengths", "5", "--inits", "random",
                          "--method_lengths", "5", "--balanced", "", "--report_only", "--", *train]) == 0
     text = (out / "quality.md").read_text()
     assert "| 1/2 |" in text and "Missing or failed runs (4)" in text and "prompt_random_len5_seed1" in text
@@ -131,8 +132,8 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
 
 
 def test_rows_from_different_tokenizers_are_flagged():
-    """`--model tiny` trains its vocabulary: another sentencepiece version gives another model (seen: 0.2.2
-    against 0.2.3), so a table mixing them must say so."""
+    """`--model tiny` trains its vocabulary: another sentencepiece version gives another model, so a table
+    mixing them must say so."""
     same = [{**row(0.5), "tokenizer_hash": "aaaa"}, None, {**row(0.6), "tokenizer_hash": "aaaa"}, row(0.7)]
     assert quality.tokenizer_warning(same) is None  # row(0.7): an older results.json without the hash
     mixed = same + [{**row(0.6), "tokenizer_hash": "bbbb"}]
@@ -142,3 +143,37 @@ def test_rows_from_different_tokenizers_are_flagged():
     base = {"label": "1", "test_accuracy": 0.5, "test_macro_f1": 0.2}
     text = quality.to_markdown(quality.summarize(tasks, mixed), base, [], quality.tokenizer_warning(mixed))
     assert "**Warning: these runs used 2 different tokenizers" in text
+
+
+def test_plot_legend_covers_no_bar_and_one_token_is_singular():
+    tasks = [{"method": m, "init": i, "prompt_length": n, "loss": loss} for m, i, n, loss in
+             [("prompt", "random", 1, "plain"), ("prompt", "random", 20, "plain"), ("deep", "random", 20, "plain"),
+              ("full", "-", 0, "plain"), ("full", "-", 0, "balanced")]]
+    rows = quality.summarize(tasks, [row(0.5), row(0.6), row(0.68), row(0.7), row(0.66)])
+    assert [quality.label(r) for r in rows[:2]] == ["prompt (random init, 1 token)", "prompt (random init, 20 tokens)"]
+    fig = quality.draw(rows, {"test_accuracy": 0.49, "label": "1", "dataset": "inews"})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()][0] == "prompt (random init, 1 token)"
+    refs = [line for line in ax.get_lines() if not line.get_label().startswith("_")]  # not the error bars
+    assert [line.get_xdata()[0] for line in refs] == [0.49, pytest.approx(0.95 * 0.7)]
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    bars = [p.get_window_extent() for p in ax.patches]
+    assert len(bars) == 5 and not any(legend.overlaps(b) for b in bars)
+    assert legend.y0 >= ax.get_window_extent().y1  # above the axes
+    assert ax.get_legend().get_title().get_text() == "Every method on the same frozen model and inews"
+    assert [p.get_hatch() for p in ax.patches] == [None, None, None, None, "///"]  # the balanced-loss row
+
+
+def test_from_csv_redraws_the_plot_only(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, labels in (("train", "aab"), ("dev", "ab")):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": "t", "label": y}) + "\n" for y in labels))
+    tasks = [{"method": "prompt", "init": "random", "prompt_length": 5}, {"method": "full", "init": "-",
+                                                                         "prompt_length": 0}]
+    (tmp_path / "quality.csv").write_text(quality.tables.to_csv(quality.summarize(tasks, [row(0.6), row(0.7)])))
+    out = tmp_path / "docs"
+    assert quality.main(["--from_csv", str(tmp_path / "quality.csv"), "--output_dir", str(out), "--format", "svg",
+                         "--", "--dataset", str(data)]) == 0
+    assert [p.name for p in out.iterdir()] == ["quality.svg"]

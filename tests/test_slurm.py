@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from softprompt.engine import free_port
+from softprompt.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["slurm/train.sbatch", "slurm/sweep.sbatch", "slurm/env.example.sh", "slurm/ci/install_slurm.sh"]

@@ -1,7 +1,7 @@
 """ZeRO-3 scaling: per-sample cost of 2 ranks against 1 rank at the same per-rank batch.
 
-    python -m launcher.scaling                          # tiny mT5, ds_configs/zero3_cpu.json, micro-batch 16
-    python -m launcher.scaling --max_steps 60 -- --max_length 64   # after --: more train.py flags
+    python -m benchmarks.scaling                          # tiny mT5, ds_configs/zero3_cpu.json, micro-batch 16
+    python -m benchmarks.scaling --max_steps 60 -- --max_length 64   # after --: more train.py flags
 
 Runs `train.py` under the deepspeed launcher with --num_gpus 1, then 2, from the same ds_config
 with `train_micro_batch_size_per_gpu` set and no accumulation (global batch = micro x ranks), and
@@ -16,7 +16,6 @@ The last line is the ratio 2-rank / 1-rank.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,21 +24,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launcher import args as cli_args
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m launcher.scaling", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 epilog="Arguments after -- go to train.py as they are.")
+def parser() -> cli_args.Parser:
+    ap = cli_args.Parser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0],
+                         epilog="Arguments after -- go to train.py as they are.")
     ap.add_argument("--model", default="tiny", help="train.py --model")
     ap.add_argument("--ds_config", default=str(ROOT / "ds_configs" / "zero3_cpu.json"),
                     help="the ZeRO-3 config both runs share (its batch sizes are replaced)")
     ap.add_argument("--micro_batch", type=int, default=16, help="per-rank batch, both runs")
-    ap.add_argument("--max_steps", type=int, default=40)
+    ap.add_argument("--max_steps", type=int, default=40, help="optimizer steps per run")
     ap.add_argument("--log_every", type=int, default=5, help="steps per measured window")
     ap.add_argument("--threads_per_rank", type=int, default=1, help="OMP_NUM_THREADS of every rank (CPU)")
-    ap.add_argument("--output_dir", help="where the runs write (default: a temporary directory)")
+    cli_args.add_output_dir(ap, "where the runs write (default: a temporary directory)")
     return ap
 
 
@@ -50,7 +50,7 @@ def ds_config(base: dict, micro_batch: int) -> dict:
 
 
 def launch(ranks: int, config: Path, out: Path, args, train_args: list[str]) -> None:
-    from softprompt.engine import free_port  # imports torch: not at module level, for a fast --help
+    from softprompt.dist import free_port  # imports torch: not at module level, for a fast --help
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(free_port()), str(ROOT / "train.py"),
@@ -75,9 +75,12 @@ def measure(out: Path) -> tuple[int, float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    args = parser().parse_args(ours)
+    ours, train_args = cli_args.split_extra(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser().parse_args(ours)
+    except cli_args.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bad = [f"--{k} must be positive" for k in ("micro_batch", "max_steps", "log_every", "threads_per_rank")
            if getattr(args, k) <= 0]
     if args.max_steps < 2 * args.log_every:

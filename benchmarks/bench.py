@@ -1,8 +1,8 @@
 """Benchmark one training step: ours (`PromptedMT5`) against HF PEFT prompt tuning, in one process.
 
-    python -m launcher.bench                 # mT5-small shape, random weights, batch 8, length 128, prompt 20
-    python -m launcher.bench --dtype fp32 --hf_kernels   # ours without its levers; PEFT stays fp32
-    python -m launcher.bench --shape mt5-xl --batch 32 --zero3 ds_configs/zero3_bf16.json   # + a 1-rank ZeRO-3 side
+    python -m benchmarks.bench                 # mT5-small shape, random weights, batch 8, length 128, prompt 20
+    python -m benchmarks.bench --dtype fp32 --hf_kernels   # ours without its levers; PEFT stays fp32
+    python -m benchmarks.bench --shape mt5-xl --batch_size 32 --zero3 ds_configs/zero3_bf16.json  # + a ZeRO-3 side
 
 Ours runs as the trainer does on CPU: frozen weights in bf16 (DeepSpeed's bf16 mode) with
 `softprompt.kernels.fuse` applied (the trainer applies it at load time); PEFT runs HF's stock model
@@ -31,7 +31,6 @@ one extra step, next to the planner's prediction) and the process's peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import resource
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from launcher import args as cli_args
 from softprompt import flops, kernels, plan, verbalizer
 from softprompt.model import PromptedMT5
 from softprompt.prompt import SoftPrompt
@@ -88,20 +88,17 @@ def twin(mt5):
     return other.requires_grad_(False)
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser() -> cli_args.Parser:
+    ap = cli_args.Parser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=plan.MT5, default="mt5-small",
                     help="model shape (random weights); the flags below override its fields")
-    ap.add_argument("--d_model", type=int)
-    ap.add_argument("--d_ff", type=int)
-    ap.add_argument("--num_layers", type=int, help="encoder and decoder layers each")
-    ap.add_argument("--num_heads", type=int)
-    ap.add_argument("--d_kv", type=int)
-    ap.add_argument("--vocab", type=int)
-    ap.add_argument("--batch", type=int, default=8)
+    for field in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab"):
+        ap.add_argument(f"--{field}", type=int, help="the --shape's unless given"
+                        + (" (encoder and decoder layers each)" if field == "num_layers" else ""))
+    ap.add_argument("--batch_size", type=int, default=8, help="examples per step")
+    cli_args.add_renamed(ap, "--batch", "--batch_size", type=int)
     ap.add_argument("--seq_len", type=int, default=128, help="input tokens per example (no padding)")
-    ap.add_argument("--prompt_length", type=int, default=20)
+    ap.add_argument("--prompt_length", type=int, default=20, help="soft prompt tokens")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--dtype", choices=DTYPES, default="bf16",
@@ -116,17 +113,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--zero3", metavar="CONFIG", type=Path,
                     help="add a side: ours inside a 1-rank ZeRO-3 engine with this DeepSpeed JSON's zero_optimization")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--lr", type=float, default=0.3)
+    ap.add_argument("--lr", type=float, default=0.3, help="AdamW learning rate of every side")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except cli_args.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     preset = plan.MT5[args.shape]
     for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab"):
         if getattr(args, k) is None:
             setattr(args, k, getattr(preset, k))
-    bad = [f"--{k} must be positive" for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "batch",
+    bad = [f"--{k} must be positive" for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "batch_size",
                                                 "seq_len", "prompt_length", "steps", "threads")
            if getattr(args, k) is not None and getattr(args, k) <= 0]
     if args.warmup < 0:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     s = plan.Shape("bench", args.vocab, args.d_model, args.d_ff, args.num_layers, args.num_layers,
                    args.num_heads, args.d_kv)
-    B, T, P = args.batch, args.seq_len, args.prompt_length
+    B, T, P = args.batch_size, args.seq_len, args.prompt_length
 
     mt5 = build_mt5(s, device)
     peft_base = twin(mt5).to(DTYPES[args.peft_dtype])
@@ -260,10 +261,10 @@ def zero3_side(mt5, init: torch.Tensor, ids, mask, labels, args, zero: dict):
     engine, built by the trainer's own `engine.initialize`."""
     import copy
 
-    from softprompt import engine
+    from softprompt import dist, engine
 
-    engine.init_distributed()
-    config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+    dist.init(600.0)
+    config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "torch_adam": True}},
               "bf16": {"enabled": args.dtype == "bf16"},
               "zero_optimization": zero,
