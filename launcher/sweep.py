@@ -19,14 +19,16 @@ import shlex
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 from launcher import args as cli_args
 from launcher.args import UsageError
-from softprompt.config import PROMPT_DEPTHS
+from softprompt.config import PromptDepth, PromptInit
 
 ROOT = Path(__file__).resolve().parents[1]
-INITS = ("random", "vocab", "labels")
+PROMPT_DEPTHS = typing.get_args(PromptDepth)
+INITS = typing.get_args(PromptInit)
 # Set by the grid for every task, so they cannot also come after `--`.
 GRID_FLAGS = ("--model", "--prompt_init", "--prompt_length", "--seed", "--lr", "--prompt_depth", "--output_dir",
               "--resume")
