@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from softprompt import dist, recipe
+from softprompt import dist, preemption, recipe
 from softprompt.config import ConfigError
 from softprompt.loading import environment_defaults
 
@@ -24,6 +24,7 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preemption.install()
     environment_defaults()
     quiet_libraries()
     try:

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Site settings for the Slurm scripts. Copy to slurm/env.sh and edit; the scripts are never edited.
 # Sourced twice: by your shell before submitting (sbatch reads the SBATCH_* variables itself), and
-# by every job before it starts the launchers (venv, modules, caches; srun passes them to all nodes).
+# by every job before srun starts the ranks (venv, modules, caches; srun passes them to all nodes).
 
 # Where and as whom jobs run (sbatch's own input variables; command-line options override them).
 export SBATCH_PARTITION=gpu

@@ -25,7 +25,8 @@ from .config import ConfigError, RunConfig, to_yaml
 from .io import write_json, write_text
 from .metrics import balanced_weights
 from .tokenize import tokenizer_hash
-from .trainer import Preemption, Schedule
+from . import preemption
+from .trainer import Schedule
 
 EXIT_CONFIG_ERROR = 2
 EXIT_FAILURE = 1
@@ -226,7 +227,7 @@ class TrainRecipe:
 
         v = self.inputs = self.inputs or validate(self.cfg)
         t = self.cfg.train
-        self.preemption = Preemption()  # before the slow build: a signal during it is not lost
+        self.preemption = preemption.install()  # before the slow build: a signal during it is not lost
         self.rank, self.world = dist.init(t.dist_timeout)
         if self.world != v.sizes.world_size:
             raise ConfigError(f"WORLD_SIZE says {v.sizes.world_size} ranks but {self.world} joined")

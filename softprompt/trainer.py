@@ -9,7 +9,6 @@ batch see the same examples per optimizer step, and their losses agree.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -83,19 +82,6 @@ def flat(prefix: str, m: dict) -> dict:
     out[f"{prefix}/confusion"] = Table(columns=list(m["pred_counts"]), data=m["confusion"])
     out[f"{prefix}/collapsed"] = collapsed(m["pred_counts"])
     return out
-
-
-class Preemption:
-    """SIGUSR1 / SIGTERM (what Slurm sends before a time limit or preemption) only set a flag; the
-    loop acts on it at the next step boundary, once every rank agrees."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 def prompt_norm(prompt) -> float:

@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume after SIGKILL, SIGUSR1 preemption, no frozen weights on disk, bad input."""
+"""Checkpoints: exact resume after SIGKILL, SIGUSR1 preemption, a SIGTERM to the deepspeed runner alone or
+to ranks started without a launcher (as srun does); no frozen weights on disk, bad input."""
 
 import json
 import os
@@ -20,19 +21,39 @@ STEPS = 60
 ARGS = dict(max_steps=STEPS, save_every=5, eval_every=30, keep_checkpoints=2)
 
 
-def launch(model_dir, ds, out, **extra):
-    """A 2-rank run in its own process group, so a test can signal or kill all of it."""
+def launch(model_dir, ds, out, log: Path | None = None, **extra):
+    """A 2-rank run in its own process group, so a test can signal or kill all of it. Output to `log` if
+    given (nobody may be reading the pipe once the test stops the runner), else to a pipe."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(free_port()), "train.py", *train_args(model_dir, ds, out, **{**ARGS, **extra})]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    stdout = log.open("w") if log else subprocess.PIPE
+    try:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    finally:
+        if log:
+            stdout.close()
+
+
+def start_ranks(model_dir, ds, out, log_prefix: Path, **extra) -> list[subprocess.Popen]:
+    """2 ranks started as srun starts them: no launcher process, the rendezvous in the environment."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = []
+    for rank in range(2):
+        with open(f"{log_prefix}{rank}.log", "w") as log:
+            ranks.append(subprocess.Popen(
+                [sys.executable, "-u", "train.py", *train_args(model_dir, ds, out, **{**ARGS, **extra})], cwd=ROOT,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
+    return ranks
 
 
 def wait_for_step(proc, out: Path, step: int, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, f"run ended before step {step}: " + proc.stdout.read()[-3000:]
+        assert proc.poll() is None, f"run ended before step {step}: " + (proc.stdout.read()[-3000:] if proc.stdout else "")
         path = out / "metrics.jsonl"
         if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
             return
@@ -100,6 +121,73 @@ def test_sigusr1_saves_and_exits_requeue(setup):
     assert f"preempted: checkpoint saved at step {stopped}" in output
     proc = launch(model_dir, ds, out, resume="auto")
     assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    assert_same_run(out, reference)
+
+
+def stopped_step(out: Path) -> int:
+    return int((out / "checkpoints" / "latest").read_text().split("_")[1])
+
+
+def exited(procs: list[psutil.Process]) -> bool:
+    """Not our children (the test cannot reap them): gone, or a zombie left for their new parent."""
+    def done(p):
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    return all(done(p) for p in procs)
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_runner_alone_stops_every_rank(setup):
+    """`deepspeed` on one node dies at once on SIGTERM (it installs no handler) and leaves launch.py
+    and the ranks running; the ranks notice their launcher is gone, checkpoint and exit 75, and
+    launch.py exits with their code: no orphan. --resume auto then completes the same run."""
+    model_dir, ds, tmp, reference = setup
+    out, log = tmp / "runner_killed", tmp / "runner_killed.log"
+    proc = launch(model_dir, ds, out, log)
+    wait_for_step(proc, out, 7)
+    tree = psutil.Process(proc.pid).children(recursive=True)  # launch.py and the ranks
+    assert sum(any(a.startswith("--local_rank") for a in p.cmdline()) for p in tree) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    deadline = time.time() + 60
+    while not exited(tree):
+        assert time.time() < deadline, f"still running 60 s after the runner died: {tree}\n" + log.read_text()[-3000:]
+        time.sleep(0.1)
+    output = log.read_text()
+    stopped = stopped_step(out)
+    assert 7 <= stopped < STEPS and not (out / "results.json").exists(), output[-3000:]
+    assert f"preempted: checkpoint saved at step {stopped}" in output and "has exited: stopping" in output
+    assert "exits with return code = 75" in output, output[-3000:]  # launch.py, from the first rank to exit
+    proc = launch(model_dir, ds, out, resume="auto")
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    assert_same_run(out, reference)
+
+
+@pytest.mark.distributed
+def test_sigterm_to_ranks_started_without_a_launcher(setup):
+    """What Slurm does on preemption to the ranks srun started (one task per rank): SIGTERM to every
+    rank and its children. Each checkpoints and exits 75, so srun's exit code (its tasks' highest) is
+    75; started again with --resume auto, the run ends as the uninterrupted one."""
+    model_dir, ds, tmp, reference = setup
+    out = tmp / "srun_like"
+    ranks = start_ranks(model_dir, ds, out, tmp / "srun_like_rank")
+    wait_for_step(ranks[0], out, 7)
+    for rank in ranks:
+        tree = psutil.Process(rank.pid)
+        for p in [tree, *tree.children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+    codes = [rank.wait(timeout=120) for rank in ranks]
+    output = (tmp / "srun_like_rank0.log").read_text()
+    assert codes == [checkpoint.EXIT_REQUEUE] * 2, output[-3000:]
+    stopped = stopped_step(out)
+    assert 7 <= stopped < STEPS and f"preempted: checkpoint saved at step {stopped}" in output
+    ranks = start_ranks(model_dir, ds, out, tmp / "srun_like_resumed", resume="auto")
+    assert [rank.wait(timeout=300) for rank in ranks] == [0, 0], (tmp / "srun_like_resumed0.log").read_text()[-3000:]
     assert_same_run(out, reference)
 
 

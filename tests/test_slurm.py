@@ -80,8 +80,16 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs=8 State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+# Preemption as sites run it: a job in a higher-tier partition requeues one in a lower tier, which first
+# gets SIGTERM and a grace time. Only jobs in "low" can be preempted, only for the one "token" (a generic
+# resource), so that a preemption test leaves the other jobs on the node alone.
+GresTypes=token
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+NodeName={host} NodeAddr=127.0.0.1 CPUs=16 Gres=token:1 State=UNKNOWN
+PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF
+PartitionName=low Nodes={host} MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=120
+PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 
@@ -101,6 +109,7 @@ def cluster():
         (d / sub).mkdir()
     host = socket.gethostname().split(".")[0]
     (d / "slurm.conf").write_text(SLURM_CONF.format(host=host, d=d, ctld_port=free_port(), d_port=free_port()))
+    (d / "gres.conf").write_text("Name=token Count=1\n")  # read from slurm.conf's directory
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # deepspeed, python of this venv
            "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
@@ -185,14 +194,24 @@ def losses(out: Path) -> list[float]:
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-def submit_train(model_dir, ds: str, tmp: Path, env) -> tuple[str, Path]:
+def submit_train(model_dir, ds: str, tmp: Path, env, *options: str) -> tuple[str, Path]:
     """slurm/train.sbatch on one node with 2 ranks."""
     tmp.mkdir()
     out = tmp / "out"
-    job = sbatch("-N1", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp}/job.log",
+    job = sbatch("-N1", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp}/job.log", *options,
                  "slurm/train.sbatch", "--model", str(model_dir), "--ds_config", ds, *LONG,
                  env={**env, "NPROC_PER_NODE": "2", "OUTPUT_DIR": str(out)})
     return job, out
+
+
+def sweep(model_dir, ds: str, out: Path, env, lengths: str, seeds: str, *train_args: str,
+          max_concurrent: int = 0) -> None:
+    """A job array of 1-rank tasks through launcher.sweep."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.sweep", "--lengths", lengths, "--seeds", seeds, "--models", str(model_dir),
+         "--out", str(out), "--max_concurrent", str(max_concurrent), "--", "--ds_config", ds, *train_args],
+        cwd=ROOT, env={**env, "NPROC_PER_NODE": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -210,36 +229,75 @@ def started(cluster, tiny_model_dir, tmp_path_factory):
         cwd=ROOT, env=cluster, stdout=direct_log, stderr=subprocess.STDOUT)
     requeue = submit_train(tiny_model_dir, ds, tmp / "requeue", cluster)
     plain = submit_train(tiny_model_dir, ds, tmp / "plain", cluster)
-    sweep_out = tmp / "sweep"
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.sweep", "--lengths", "1,2,4", "--seeds", "0,1",
-         "--models", str(tiny_model_dir), "--out", str(sweep_out), "--max_concurrent", "2", "--",
-         "--ds_config", ds, "--max_steps", "3", *TRAIN],
-        cwd=ROOT, env={**cluster, "NPROC_PER_NODE": "1"}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    # The one job that can be preempted (see SLURM_CONF).
+    preempted = submit_train(tiny_model_dir, ds, tmp / "preempted", cluster, "--partition=low", "--gres=token:1")
+    sweep(tiny_model_dir, ds, tmp / "sweep", cluster, "1,2,4", "0,1", "--max_steps", "3", *TRAIN, max_concurrent=2)
+    sweep(tiny_model_dir, ds, tmp / "array", cluster, "4", "0,1,2", "--max_steps", "40", "--eval_every", "4",
+          "--log_every", "1", *TRAIN)
 
     def direct_run() -> Path:
-        assert direct.wait(timeout=240) == 0, (tmp / "direct.log").read_text()[-3000:]
+        assert direct.wait(timeout=300) == 0, (tmp / "direct.log").read_text()[-3000:]
         return direct_out
 
-    yield {"direct": direct_run, "requeue": requeue, "plain": plain, "sweep": sweep_out}
+    yield {"direct": direct_run, "requeue": requeue, "plain": plain, "preempted": preempted,
+           "sweep": tmp / "sweep", "array": tmp / "array"}
     direct.kill()
     direct.wait()
     direct_log.close()
 
 
-@pytest.mark.slurm
-def test_usr1_checkpoints_requeues_and_resumes(cluster, started):
-    job, out = started["requeue"]
-    wait_for("training to start", lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 2, 180, 0.05)
-    # What Slurm sends 300 s before the time limit (--signal=B:USR1@300): to the batch shell only.
-    slurm("scancel", "--signal=USR1", "--batch", job, env=cluster)
-    # Requeued = back to PENDING with a restart counted; before that the old instance may still be
-    # completing on the node, and moving the start time then can launch the new one into it.
+def trained(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() and len(losses(out)) >= 2
+
+
+@pytest.fixture(scope="module")
+def interrupted(cluster, started):
+    """Each run to interrupt gets its signal as soon as it trains, all watched together: a test that
+    waited for its own first would let the others' runs finish before their signal."""
+    env, done = cluster, {}
+
+    def usr1():  # what Slurm sends 300 s before the time limit (--signal=B:USR1@300): to the batch shell only
+        job, out = started["requeue"]
+        if trained(out):
+            slurm("scancel", "--signal=USR1", "--batch", job, env=env)
+            return True
+
+    def preempt():  # a job in a higher partition that needs the token the run holds
+        job, out = started["preempted"]
+        if trained(out):
+            done["urgent"] = sbatch("--partition=urgent", "--gres=token:1", f"--output={out.parent}/urgent.log",
+                                    "--wrap", "true", env=env)
+            return True
+
+    def array_usr1():  # to the one task whose job id is also the whole array's
+        sweep_json = json.loads((started["array"] / "sweep.json").read_text())
+        array = sweep_json["job_id"]
+        records = jobs(array, env)
+        if len(records) < 3 or any(r["JobState"] != "RUNNING" for r in records):
+            return False
+        [target] = [r for r in records if r["JobId"] == r["ArrayJobId"] == array]
+        task = int(target["ArrayTaskId"])
+        out = Path(sweep_json["tasks"][task]["output_dir"])
+        if trained(out):
+            slurm("scancel", "--signal=USR1", "--batch", f"{array}_{task}", env=env)
+            done["array"] = (array, task, out)
+            return True
+
+    actions = [usr1, preempt, array_usr1]
+    def all_sent():
+        actions[:] = [a for a in actions if not a()]
+        return not actions
+    wait_for("the runs to interrupt to train", all_sent, 400, 0.05)
+    return done
+
+
+def start_requeued(job: str, name: str, env) -> None:
+    """Wait for job `name` (an id, or ARRAY_TASK for an array task) to be requeued, then start it now."""
     def requeued():
-        r = jobs(job, cluster)[0]
-        return (r["Restarts"] == "1" and r["JobState"] == "PENDING") or r["JobState"] in FINAL_STATES
-    wait_for("the requeue", requeued, 120)
+        r = jobs(name, env)[0]
+        return r if r["Restarts"] == "1" or r["JobState"] in FINAL_STATES else None
+    if wait_for(f"the requeue of {name}", requeued, 120)["JobState"] != "PENDING":
+        return  # finished, or restarted by Slurm once its hold was over
     # PENDING comes before slurmd has torn the old instance down; released into that, the new batch step
     # is refused ("Job 1 already killed, do not launch batch job") and the job ends FAILED.
     def old_instance_gone():
@@ -249,12 +307,16 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, started):
     # same second ("ctime <= revoked", whole seconds: "Job credential revoked"); real Slurm's 2-minute
     # hold avoids it, so the test must start the new instance in a later second.
     time.sleep(2)
-    # Slurm holds a requeued job for 2 minutes (EligibleTime); release it now.
-    slurm("scontrol", "update", f"JobId={job}", "StartTime=now", env=cluster)
-    [record] = wait_job(job, cluster, timeout=180)
-    assert_completed([record], cluster)
+    # Slurm holds a requeued job for 2 minutes (EligibleTime); release it now. Not checked: it may
+    # have started by itself meanwhile.
+    subprocess.run(["scontrol", "update", f"JobId={name}", "StartTime=now"], env=env, capture_output=True)
+
+
+def assert_resumed_like_direct(record: dict, out: Path, started: dict, env: dict) -> None:
+    """Completed after one requeue, and the same run as the uninterrupted direct one."""
+    assert_completed([record], env)
     log = Path(record["StdOut"]).read_text()  # both runs: --open-mode=append
-    assert record["Restarts"] == "1", f"the run was not requeued (did it finish before USR1 landed?)\n{log}"
+    assert record["Restarts"] == "1", f"the run was not requeued (did it finish before the signal landed?)\n{log}"
     assert "requeueing job" in log and "restart 0)" in log and "restart 1)" in log, log
     direct = started["direct"]()
     expected = load_file(direct / "prompt.safetensors")["prompt"]
@@ -263,9 +325,52 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, started):
 
 
 @pytest.mark.slurm
+def test_usr1_checkpoints_requeues_and_resumes(cluster, started, interrupted):
+    job, out = started["requeue"]
+    start_requeued(job, job, cluster)
+    [record] = wait_job(job, cluster, timeout=300)
+    assert_resumed_like_direct(record, out, started, cluster)
+
+
+@pytest.mark.slurm
+def test_preemption_checkpoints_requeues_and_resumes(cluster, started, interrupted):
+    """A real preemption: Slurm sends SIGTERM to the job's steps (the ranks, not the batch shell or
+    srun) and gives it GraceTime; the ranks checkpoint and exit 75, the script requeues the job."""
+    job, out = started["preempted"]
+    start_requeued(job, job, cluster)
+    [preemptor] = wait_job(interrupted["urgent"], cluster, timeout=120)
+    assert_completed([preemptor], cluster)
+    [record] = wait_job(job, cluster, timeout=300)
+    log = Path(record["StdOut"]).read_text()
+    assert "preempted: checkpoint saved at step" in log and "Exited with exit code 75" in log, log
+    assert_resumed_like_direct(record, out, started, cluster)
+
+
+@pytest.mark.slurm
+def test_array_task_requeues_only_itself(cluster, started, interrupted):
+    """USR1 to the one task whose job id is also the array's: it alone is requeued and resumes."""
+    array, task, task_out = interrupted["array"]
+    start_requeued(array, f"{array}_{task}", cluster)
+    records = {int(r["ArrayTaskId"]): r for r in wait_job(array, cluster, timeout=300)}
+    assert sorted(records) == [0, 1, 2]
+    assert_completed(list(records.values()), cluster)
+    for i, r in records.items():
+        log = Path(r["StdOut"]).read_text()
+        if i == task:
+            assert r["Restarts"] == "1" and f"requeueing job {array}_{task}" in log and "restart 1)" in log, log
+            assert "resumed from" in log, log
+            steps = [json.loads(x)["step"] for x in (task_out / "metrics.jsonl").read_text().splitlines()
+                     if "train/loss" in x]
+            assert steps == list(range(1, 41))
+        else:
+            assert r["Restarts"] == "0" and log.count("restart 0)") == 1, log
+            assert "requeueing" not in log and "restart 1)" not in log, log
+
+
+@pytest.mark.slurm
 def test_train_sbatch_two_ranks_matches_direct_run(cluster, started):
     job, out = started["plain"]
-    [record] = wait_job(job, cluster, timeout=180)
+    [record] = wait_job(job, cluster, timeout=300)
     assert_completed([record], cluster)
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
@@ -279,7 +384,7 @@ def test_train_sbatch_two_ranks_matches_direct_run(cluster, started):
 def test_sweep_array_then_aggregate(cluster, started):
     out = started["sweep"]
     sweep = json.loads((out / "sweep.json").read_text())
-    records = wait_job(sweep["job_id"], cluster, timeout=180)
+    records = wait_job(sweep["job_id"], cluster, timeout=300)
     assert sorted(int(r["ArrayTaskId"]) for r in records) == list(range(6))
     assert_completed(records, cluster)
 
