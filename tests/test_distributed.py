@@ -15,17 +15,17 @@ P = 4  # prompt tokens
 STEPS = 6
 
 
-def ds_config(tmp_path, stage: int) -> str:
+def ds_config(tmp_path, stage: int, lr: float = 0.3) -> str:
     """Global batch 8 of micro-batches of 4: accumulation 1 on 2 ranks, 2 on one rank."""
     cfg = {
         "train_batch_size": 8,
         "train_micro_batch_size_per_gpu": 4,
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.3, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 100000,
                               "stage3_param_persistence_threshold": 1000},
     }
-    path = tmp_path / f"stage{stage}.json"
+    path = tmp_path / f"stage{stage}_lr{lr}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
@@ -159,3 +159,20 @@ def test_inside_zero3(tiny_model_dir, tmp_path, method):
     # The transformers-5 trap: lm_head must stay the checkpoint's own, not a copy of `shared`.
     assert r["lm_head_untied"] and r["lm_head_is_checkpoint"] and r["shared_is_checkpoint"]
     assert r["class_head_is_checkpoint_rows"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage, method, lr", [(3, {"prompt_depth": "all"}, 0.03),
+                                               (0, {"tune": "full", "prompt_length": 0}, 5e-4)],
+                         ids=["zero3-deep-prompts", "replicated-full-tuning"])
+def test_activation_checkpointing_changes_no_loss(tiny_model_dir, tmp_path, stage, method, lr):
+    """Recomputing each block in the backward gives the same gradients: fp32 losses within 1e-6."""
+    runs = {}
+    for name, flag in (("plain", {}), ("checkpointed", {"activation_checkpointing": True})):
+        out = tmp_path / name
+        deepspeed("train.py", *train_args(tiny_model_dir, ds_config(tmp_path, stage, lr), out, max_steps=4,
+                                          eval_every=4, **method, **flag))
+        runs[name] = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+        assert (json.loads((out / "results.json").read_text())["activation_checkpointing"]) == bool(flag)
+    assert len(runs["plain"]) == 4 and len(set(runs["plain"])) > 1
+    assert runs["checkpointed"] == pytest.approx(runs["plain"], rel=1e-6, abs=1e-6)
