@@ -10,6 +10,8 @@ import typing
 
 from softprompt.config import SECTIONS, ConfigError, RunConfig, choices, read_yaml
 
+from .args import HelpFormatter
+
 
 def _arg_type(annotation):
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `str | None` -> str
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Soft prompt tuning of a frozen T5/mT5 under DeepSpeed. Run as `deepspeed train.py ...` "
                     "(any number of ranks), `python train.py ...` or `softprompt-train ...` (one process).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="a run's config.yaml (written into every --output_dir): its settings become the "

@@ -13,7 +13,7 @@ ENTRY_POINTS = {  # -> whether it takes an output directory
     "benchmarks.scaling": True, "benchmarks.quality": True, "softprompt.predict": False,
 }
 # Built with launcher.args.HelpFormatter: each default shown once, none for flags without one.
-ONE_DEFAULT_EACH = ("launcher.sweep", "launcher.aggregate", "benchmarks.bench", "benchmarks.scaling",
+ONE_DEFAULT_EACH = ("train.py", "launcher.sweep", "launcher.aggregate", "benchmarks.bench", "benchmarks.scaling",
                     "benchmarks.quality")
 
 
