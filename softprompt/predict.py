@@ -26,7 +26,7 @@ import torch
 from . import checkpoint, dist, dsconfig, loading, verbalizer
 from .collate import collate, shard_batches
 from .config import ConfigError, PromptDepth
-from .data import read_file, where_row
+from .datafiles import read_file, where_row
 from .io import write_text
 from .prompt import SoftPrompt, gathered, layers_for
 from .tokenize import EmptyTextError, encode, tokenizer_hash

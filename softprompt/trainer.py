@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from .collate import collate, shard_batches
 from .dsconfig import BatchSizes
 from .prompt import read_state, write_state
 from .tracking import Table, collapsed
+
+if TYPE_CHECKING:
+    from .recipe import RunResult
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def finite(state: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values())
 
 
-def train_loop(run) -> "RunResult":  # noqa: F821 - recipe.RunResult, imported below (recipe imports us)
+def train_loop(run) -> RunResult:
     """Train, evaluate on dev per the schedule, then score the best-dev prompt on test. `run` is the
     TrainRecipe (softprompt/recipe.py): its engine, inputs, state, tracker and preemption flag.
 

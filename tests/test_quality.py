@@ -112,13 +112,12 @@ def test_ci_sized_benchmark_end_to_end(tiny_model_dir, tmp_path, monkeypatch, ca
         assert float(rows[method]["optimizer_state_numel"]) == 2 * n, method  # AdamW: two moments
         assert 0 <= float(rows[method]["test_accuracy_mean"]) <= 1
     text = (out / "quality.md").read_text()
-    import datasets  # noqa: F401 - the majority row is recomputed here as its oracle
-    from softprompt import data
+    from softprompt import data  # the majority row is recomputed here as its oracle
     from softprompt.config import DataConfig
 
     test_labels = data.load_splits(DataConfig(dataset="inews")).test["label"]
     share = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
-    assert f"| majority class" in text and f"{share:.4f}" in text
+    assert "| majority class" in text and f"{share:.4f}" in text
     assert "Best prompt-only method by test macro-F1:" in text and (out / "quality.png").stat().st_size > 1000
     assert "different tokenizers" not in text  # one model, one tokenizer
     prompt_json = json.loads((out / "runs" / "prompt_random_len5_seed0" / "prompt.json").read_text())

@@ -1,7 +1,6 @@
 """A run as a whole: reproducible from its config.yaml, one run per output directory, no silent NaN, and a
 failure on any rank reported truthfully and fast."""
 
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import pytest
 
 from softprompt.config import ConfigError
 from softprompt.rundir import Lock
-from test_distributed import ROOT, ds_config, free_port, read_metrics, run, train_args
+from test_distributed import ROOT, ds_config, free_port, read_metrics, train_args
 
 FAST = {"max_steps": 4, "eval_every": 2}
 
