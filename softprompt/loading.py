@@ -99,8 +99,14 @@ def load_tokenizer(source: ModelSource | str):
     return AutoTokenizer.from_pretrained(source.path, local_files_only=source.local_files_only)
 
 
-def checkpoint_has_lm_head(source: ModelSource) -> bool:
-    """Whether the checkpoint stores its own lm_head.weight (mT5, T5 v1.1) or reuses `shared` (T5)."""
+@dataclass(frozen=True)
+class CheckpointInfo:
+    has_lm_head: bool  # its own lm_head.weight (mT5, T5 v1.1), or it reuses `shared` (T5)
+    nbytes: int  # the weight files' size
+
+
+def checkpoint_info(source: ModelSource) -> CheckpointInfo:
+    """What the weight files hold, read from the index or the file header: no tensor is loaded."""
     from safetensors import safe_open
     from transformers.utils import cached_file
 
@@ -110,14 +116,16 @@ def checkpoint_has_lm_head(source: ModelSource) -> bool:
 
     index = fetch("model.safetensors.index.json") or fetch("pytorch_model.bin.index.json")
     if index:
-        return "lm_head.weight" in json.loads(Path(index).read_text())["weight_map"]
+        index = json.loads(Path(index).read_text())
+        return CheckpointInfo("lm_head.weight" in index["weight_map"], int(index.get("metadata", {}).get("total_size", 0)))
     single = fetch("model.safetensors")
     if single:
         with safe_open(single, "pt") as f:
-            return "lm_head.weight" in f.keys()
+            return CheckpointInfo("lm_head.weight" in f.keys(), os.path.getsize(single))
     single = fetch("pytorch_model.bin")
     if single:
-        return "lm_head.weight" in torch.load(single, map_location="meta", weights_only=True)
+        keys = torch.load(single, map_location="meta", weights_only=True)
+        return CheckpointInfo("lm_head.weight" in keys, os.path.getsize(single))
     raise ConfigError(f"--model {source.name}: no model.safetensors or pytorch_model.bin found")
 
 
@@ -136,7 +144,7 @@ def load_frozen_model(source: ModelSource | str, config, dtype: torch.dtype = to
 
     source = _source(source)
     cls = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING[type(config)]
-    untied = checkpoint_has_lm_head(source)
+    untied = checkpoint_info(source).has_lm_head
     if untied:
         keys = {k: v for k, v in cls._tied_weights_keys.items() if k != "lm_head.weight"}
         cls = type(cls.__name__, (cls,), {"_tied_weights_keys": keys})

@@ -57,6 +57,7 @@ class Inputs:
     class_weights: list[float] | None
     wandb: object  # tracking.WandbSettings or None
     activation_checkpointing: bool  # asked for, or what --ds_config auto's plan needs
+    weights: loading.CheckpointInfo  # the frozen model's files
 
 
 def default_lr(cfg: RunConfig) -> float:
@@ -73,7 +74,9 @@ def validate(cfg: RunConfig) -> Inputs:
     source = loading.model_source(cfg.model.model)
     model_config = loading.load_model_config(source)
     world = dsconfig.world_size_from_env()
-    _, raw, ds_source, micro_cap, checkpointing = plan_parallelism(cfg, model_config, source, world)
+    weights = loading.checkpoint_info(source)
+    _, raw, ds_source, micro_cap, checkpointing = plan_parallelism(cfg, model_config, source,
+                                                                   not weights.has_lm_head, world)
     where = f"--ds_config {ds_source.split(' (')[0]}"
     ds_config, sizes, notes = dsconfig.resolve(raw, where, world, global_batch=t.global_batch, micro_batch=t.micro_batch,
                                                lr=t.lr, default_lr=default_lr(cfg), micro_cap=micro_cap)
@@ -85,7 +88,7 @@ def validate(cfg: RunConfig) -> Inputs:
                                 cfg.model.verbalizer_words)
     try:
         schedule = Schedule.build(len(splits.train), sizes.global_batch, t.max_steps, t.epochs, t.eval_every)
-        weights = balanced_weights(splits.train["label"], splits.label_names) if t.class_weights == "balanced" \
+        class_weights = balanced_weights(splits.train["label"], splits.label_names) if t.class_weights == "balanced" \
             else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -93,7 +96,7 @@ def validate(cfg: RunConfig) -> Inputs:
     init = load_init_prompt(cfg, model_config, splits.label_names, tok_hash) if t.init_prompt else None
     return Inputs(ds_config, ds_source, dsconfig.Settings.of(ds_config), sizes, notes, source, model_config,
                   tokenizer, tok_hash, splits, pieces, schedule, checkpoint.find_checkpoint(t.output_dir, t.resume),
-                  init, weights, wandb_settings(cfg, os.environ), checkpointing)
+                  init, class_weights, wandb_settings(cfg, os.environ), checkpointing, weights)
 
 
 def devices(world: int) -> tuple[str, int, int, float]:
@@ -112,14 +115,14 @@ def devices(world: int) -> tuple[str, int, int, float]:
     return ("gpu" if gpu else "cpu"), local, -(-world // local), memory / 2**30
 
 
-def plan_parallelism(cfg: RunConfig, model_config, source, world: int) -> tuple[object, dict, str, int, bool]:
+def plan_parallelism(cfg: RunConfig, model_config, source, tied: bool, world: int) -> tuple[object, dict, str, int, bool]:
     """Where the planner (softprompt/plan.py) decides: (its recommendation for --ds_config auto, else None;
     the DeepSpeed JSON and where it came from; the largest micro-batch for an "auto" micro-batch; whether
     activation checkpointing is on: asked for, or what the recommendation needs)."""
     from . import plan
 
     kind, per_node, nodes, mem_gb = devices(world)
-    shape = plan.shape_from_hf_config(model_config, source.name, tied=not loading.checkpoint_has_lm_head(source))
+    shape = plan.shape_from_hf_config(model_config, source.name, tied=tied)
     m, t = cfg.model, cfg.train
     sizes = dict(seq_len=cfg.data.max_length, prompt_length=max(1, m.prompt_length), prompt_depth=m.prompt_depth)
     rec = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from dataclasses import asdict
 
 from . import prompt as prompt_lib
@@ -43,6 +44,7 @@ def header(cfg: RunConfig, v) -> str:
         f"parallelism: {mode}{', frozen weights offloaded to CPU' if st.offload_param else ''}, "
         f"{'bf16' if st.bf16 else 'fp32'}{', activation checkpointing' if v.activation_checkpointing else ''}"
         f"; DeepSpeed JSON {v.ds_source}",
+        loading_memory(v),
         f"batch: global {v.sizes.global_batch} = micro {v.sizes.micro_batch} x accum {v.sizes.grad_accum} x "
         f"world {v.sizes.world_size}; optimizer {st.optimizer} lr {st.lr:g}"
         + (f" ({'; '.join(v.notes)})" if v.notes else ""),
@@ -50,6 +52,23 @@ def header(cfg: RunConfig, v) -> str:
         f"dev eval at {eval_steps(v.schedule.eval_steps)}; best by {cfg.train.select_metric}"
         + (f"; class weights {[round(w, 3) for w in v.class_weights]}" if v.class_weights else ""),
     ])
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def loading_memory(v) -> str:
+    """How much host memory loading the frozen model takes, per node: under ZeRO-3 rank 0 maps every weight file
+    of the checkpoint at once (transformers' ZeRO-3 path); otherwise every rank builds a full copy in host
+    memory before it moves to its device. A node's memory limit (Slurm --mem) must allow it."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or v.sizes.world_size)
+    if v.settings.stage == 3:
+        need = f"rank 0 maps the whole checkpoint, {size(v.weights.nbytes)}"
+    else:
+        copy = v.weights.nbytes * (2 if v.settings.bf16 else 4) / 4  # the hub's mT5 files are fp32
+        need = f"each of {ranks} rank(s) per node builds a full copy, {size(ranks * copy)} in all"
+    return f"host memory while the model loads: {need} (a node's memory limit must allow it)"
 
 
 def replayable(cfg: RunConfig, v) -> dict:

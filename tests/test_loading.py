@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_untied_checkpoint_is_detected(tiny_model_dir):
-    assert loading.checkpoint_has_lm_head(loading.model_source(str(tiny_model_dir)))
+    info = loading.checkpoint_info(loading.model_source(str(tiny_model_dir)))
+    assert info.has_lm_head and info.nbytes == (tiny_model_dir / "model.safetensors").stat().st_size
 
 
 def test_unknown_model_is_a_config_error(tmp_path):
