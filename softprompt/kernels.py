@@ -2,16 +2,16 @@
 
 The trainer applies it at load time (`loading.load_frozen_model`) and the benchmark to ours only, so
 HF PEFT's model there keeps HF's modules. Same functions as HF's, so the same values up to rounding
-(tests/test_kernels.py); measured on the 2-core CPU, bf16 mT5-small shape, batch 8 x 148 tokens:
+(tests/test_kernels.py); docs/performance.md has the timings:
 
 - GELU: HF's `gelu_new` is the tanh GELU as 8 elementwise ops, each saving a tensor; torch's fused
   kernel is one pass that saves only its input.
 - RMSNorm: T5's layer norm is 6 elementwise ops around an fp32 upcast; `F.rms_norm` is one fused
-  kernel, 2.0 vs 3.2 ms forward + backward per norm. Bit-identical in fp32; in bf16 it rounds
-  once (x * rstd * weight in fp32, then cast) where HF rounds before the weight multiply too.
+  kernel. Bit-identical in fp32; in bf16 it rounds once (x * rstd * weight in fp32, then cast) where
+  HF rounds before the weight multiply too.
 - Attention on CPU: HF's SDPA path folds T5's position bias into a float mask, which sends torch's
-  CPU flash-attention kernel down its slow path (a quarter of the step); matmul, softmax, matmul
-  is 20% faster per step at these lengths. Off CPU (CUDA), HF's SDPA runs unchanged.
+  CPU flash-attention kernel down its slow path; matmul, softmax, matmul avoids it. Off CPU (CUDA),
+  HF's SDPA runs unchanged.
 """
 
 from __future__ import annotations

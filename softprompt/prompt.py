@@ -53,7 +53,7 @@ class SoftPrompt(nn.Module):
     `reparam="residual"` (Razdaibiedina et al. 2023): the prompt is W + LN(MLP(W)), a bottleneck MLP
     shared by all rows with a LayerNorm on its output and a skip connection. The LayerNorm bounds the
     branch (row norm at most sqrt(D) x the largest gain, plus the bias's): without it one AdamW lr
-    moved every MLP weight at once and the prompt ran away (README, Quality). Its gain starts at
+    moves every MLP weight at once and the prompt can run away. Its gain starts at
     zero, so the first forward equals the plain prompt; at save time the MLP is folded away (`export`).
     `max_norm` rescales any prompt row whose L2 norm exceeds it (inside the forward, so it also
     holds under ZeRO-3 and in the saved prompt): a guard against runaway prompt norms.
@@ -123,7 +123,7 @@ def init_rows(
 
     `vocab`: n_tokens ids sampled without replacement from `frequent_ids` (with replacement if fewer).
     `labels`: class i's label pieces for token i, then `vocab` rows past the last class, as in Lester et
-    al. (cycling the 3 inews labels over 100 tokens was 2.8 ± 0.8 points worse than random init).
+    al. (a class's label rows start one token each, not cycled over the whole prompt).
     """
     if scheme == "random":
         return None

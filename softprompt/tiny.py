@@ -91,9 +91,9 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 8000, seed:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # At most 80% of the vocab for single characters, the rest for words. A trade-off measured
-    # on inews test (1000 rows, vocab 2000): 50% -> 10% <unk> tokens, 80% -> ~4% <unk> and
-    # still >1.1 chars/token. With the default vocab (8000) nothing is dropped.
+    # At most 80% of the vocab for single characters, the rest for words: fewer leave many rare
+    # characters <unk> in small vocabularies, more leave too few pieces for words. With the default
+    # vocab (8000) nothing is dropped.
     texts = _drop_rare_chars([t for t in texts if t and t.strip()], max_chars=int(vocab_size * 0.8))
 
     spm.set_random_generator_seed(seed)
@@ -109,8 +109,8 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 8000, seed:
         unk_id=2,
         bos_id=-1,
         character_coverage=0.9995,
-        # Smaller than the defaults (1M seeds, 16 chars): ~40% faster on this corpus with the
-        # same compression (chars/token), since Chinese pieces are short.
+        # Smaller than the defaults (1M seeds, 16 chars): Chinese pieces are short, so these keep the
+        # compression (chars/token) and train faster.
         seed_sentencepiece_size=50_000,
         max_sentencepiece_length=8,
         # Determinism: one thread and no sampling/shuffling of the input.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 
-DEFAULT_FIRST_ID = 3  # the seed's verbalizer: classes 0/1/2 -> token ids 3/4/5
+DEFAULT_FIRST_ID = 3  # the reference verbalizer: classes 0/1/2 -> token ids 3/4/5
 WORD_BOUNDARY = "\u2581"  # sentencepiece's "▁"
 
 

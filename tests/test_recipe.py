@@ -117,3 +117,13 @@ def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_it(tiny_model_di
                                "step 3"), lines[0]
     assert "rank 1: last at step 3" in lines[0]
     assert "Timed out" in output  # rank 0's own error, after it
+
+
+def test_the_console_script_runs_from_any_directory(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "softprompt-train")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([script, "--ds_config", "zero3_cpu", "--dry_run", "--inews_content_chars", "0",
+                           "--max_length", "24"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "parallelism: ZeRO-3, fp32; DeepSpeed JSON " in proc.stdout and "dry run: inputs are valid" in proc.stdout
+    assert not (tmp_path / "runs").exists()
