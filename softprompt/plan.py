@@ -17,7 +17,8 @@ Only the prompt trains, so DeepSpeed's estimate_zero3_* (18 B/param) do not appl
 Recommendation: the first of replicated, replicated + activation checkpointing, zero3, zero3 +
 checkpointing, zero3_offload, zero3_offload + checkpointing where micro-batch 1 fits, at the largest
 micro-batch that fits (and divides the global batch per GPU, when given). Checkpointing costs one
-more forward per step; ZeRO-3's per-layer gathers cost more (docs/performance.md), offload more still. GPU numbers are formulas: the activations are measured on CPU only.
+more forward per step; ZeRO-3's per-layer gathers cost more (docs/performance.md), offload more still.
+GPU numbers are formulas: the activations are measured on CPU only.
 """
 
 from __future__ import annotations
