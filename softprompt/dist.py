@@ -150,9 +150,11 @@ def is_communication_error(e: BaseException) -> bool:
 
 
 def report(e: BaseException, message: str) -> list[str]:
-    """Post this rank's first error; on rank 0, return the lines to print (the cause first), else []."""
+    """Post this rank's first error and return the lines this rank prints: on rank 0 every rank's error, the
+    cause first; elsewhere nothing, unless rank 0 cannot be reached. Before the process group exists every
+    rank checked the same inputs, so rank 0 alone speaks."""
     if not _active():
-        return [message]
+        return [message] if is_main_process() else []
     rank, world = dist.get_rank(), dist.get_world_size()
     ours = {"rank": rank, "t": time.time(), "comm": is_communication_error(e), "msg": message,
             "phase": _state["phase"]}

@@ -85,7 +85,7 @@ def optimizer_state_numel(engine) -> int:
 
 
 def build(cfg, v):
-    """The DeepSpeed engine of a training run: the frozen model loaded as `v` (recipe.Inputs) says, the
+    """The DeepSpeed engine of a training run: the frozen model loaded as `v` (inputs.Inputs) says, the
     prompt initialised as the config says, the verbalizer head read once (a frozen lm_head never changes,
     so the 250k-row head is never gathered again)."""
     import sys
