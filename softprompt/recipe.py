@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, dist, dsconfig, engine, loading, report, rundir, tiny, verbalizer
+from . import checkpoint, data, dist, dsconfig, engine, export, loading, report, rundir, tiny, verbalizer
 from . import prompt as prompt_lib
 from .config import ConfigError, RunConfig, to_yaml
 from .io import write_json, write_text
@@ -146,9 +146,10 @@ def plan_parallelism(cfg: RunConfig, model_config, source, world: int) -> tuple[
 
 
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str) -> torch.Tensor:
-    """--init_prompt's values as (L, P, D), checked against this run's prompt shape, labels and tokenizer."""
+    """--init_prompt's values as (L, P, D), checked against this run's prompt shape, labels and tokenizer. A
+    prompt.safetensors, a run's output dir or a PEFT prompt-tuning adapter (softprompt/export.py)."""
     path = cfg.train.init_prompt
-    values, meta = checkpoint.load_prompt(path, flag="--init_prompt")
+    values, meta = export.read_prompt(path, "--init_prompt", model_config.d_model)
     values = values if values.dim() == 3 else values.unsqueeze(0)
     expected = (prompt_lib.layers_for(cfg.model.prompt_depth, model_config), cfg.model.prompt_length,
                 model_config.d_model)
