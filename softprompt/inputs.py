@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, dsconfig, loading, rundir, tiny, verbalizer
+from . import checkpoint, data, dsconfig, export, loading, rundir, tiny, verbalizer
 from . import prompt as prompt_lib
 from .config import ConfigError, RunConfig
 from .metrics import balanced_weights
@@ -132,9 +132,10 @@ def plan_parallelism(cfg: RunConfig, model_config, source, tied: bool, world: in
 
 
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str) -> torch.Tensor:
-    """--init_prompt's values as (L, P, D), checked against this run's prompt shape, labels and tokenizer."""
+    """--init_prompt's values as (L, P, D), checked against this run's prompt shape, labels and tokenizer. A
+    prompt.safetensors, a run's output dir or a PEFT prompt-tuning adapter (softprompt/export.py)."""
     path = cfg.train.init_prompt
-    values, meta = checkpoint.load_prompt(path, flag="--init_prompt")
+    values, meta = export.read_prompt(path, "--init_prompt", model_config.d_model)
     values = values if values.dim() == 3 else values.unsqueeze(0)
     expected = (prompt_lib.layers_for(cfg.model.prompt_depth, model_config), cfg.model.prompt_length,
                 model_config.d_model)

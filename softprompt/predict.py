@@ -1,7 +1,11 @@
 """Inference with one or many trained prompts on one frozen model.
 
-    python -m softprompt.predict --model M --prompt [TASK=]A.safetensors [--prompt ...] \
+    python -m softprompt.predict --model M --prompt [TASK=]PATH [--prompt ...] \\
         --input FILE --output preds.jsonl [--task_field task] [--ensemble mean|vote]
+
+A prompt is our prompt.safetensors (prompt.json beside it), a run's output dir, or a PEFT
+prompt-tuning adapter (softprompt/export.py); an adapter without our prompt.json takes its classes
+from `--labels` and `--verbalizer_words`/`--verbalizer_ids`.
 
 One frozen model serves many tasks (Lester et al.'s multi-task serving): each input row names its
 task, and a batch mixes rows of different tasks in ONE forward, each row with its own prompt and
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, dsconfig, loading, verbalizer
+from . import dist, dsconfig, export, loading, verbalizer
 from .collate import collate, shard_batches
 from .config import ConfigError, PromptDepth
 from .datafiles import read_file, where_row
@@ -44,24 +49,29 @@ class Task:
 
 
 def parse_prompt_arg(arg: str) -> tuple[str, Path]:
-    """`TASK=PATH` or `PATH` (the task is then the name of the directory holding the prompt)."""
+    """`TASK=PATH` or `PATH` (the task is then the name of the directory that is or holds the prompt)."""
     name, sep, path = arg.partition("=")
     if not sep:
         path = arg
-        name = Path(arg).resolve().parent.name
+        name = Path(arg).resolve().name if Path(arg).is_dir() else Path(arg).resolve().parent.name
     return name, Path(path)
 
 
-def load_tasks(prompt_args: list[str], model_config, tok_hash: str) -> list[Task]:
+def load_tasks(args, model_config, tokenizer, tok_hash: str) -> list[Task]:
     """The prompts and their metadata, checked against the model (d_model, layer counts, tokenizer)."""
     d_model = model_config.d_model
     layers = sorted({layers_for(depth, model_config) for depth in typing.get_args(PromptDepth)})
-    tasks = []
-    for arg in prompt_args:
+    flags = export.classes_from_flags(args.labels, args.verbalizer_ids, args.verbalizer_words, tokenizer,
+                                      model_config.vocab_size)
+    tasks, used_flags = [], False
+    for arg in args.prompt:
         name, path = parse_prompt_arg(arg)
-        values, meta = checkpoint.load_prompt(path, flag="--prompt")
+        values, meta = export.read_prompt(path, "--prompt", d_model)
         if not meta:
-            raise ConfigError(f"--prompt {path}: {path.with_suffix('.json')} (labels, verbalizer) is missing")
+            if flags is None:
+                raise ConfigError(f"--prompt {path}: no prompt.json (labels, verbalizer) beside it: give --labels "
+                                  "A,B,... and --verbalizer_words W1,W2,... (or --verbalizer_ids) for its classes")
+            meta, used_flags = flags, True
         values = values if values.dim() == 3 else values.unsqueeze(0)
         if values.shape[-1] != d_model:
             raise ConfigError(f"--prompt {path}: d_model {values.shape[-1]} does not match the model's {d_model}")
@@ -70,12 +80,14 @@ def load_tasks(prompt_args: list[str], model_config, tok_hash: str) -> list[Task
                               f"{' or '.join(map(str, layers))} (input, encoder, encoder + decoder)")
         if tasks and values.shape[0] != tasks[0].prompt.shape[0]:
             raise ConfigError(f"--prompt {path}: prompts of different depths cannot be mixed in one run")
-        if meta.get("tokenizer_hash") != tok_hash:
+        if "tokenizer_hash" in meta and meta["tokenizer_hash"] != tok_hash:
             raise ConfigError(f"--prompt {path}: trained with another tokenizer "
                               f"(hash {meta.get('tokenizer_hash')}, the model's is {tok_hash})")
         if name in {t.name for t in tasks}:
             raise ConfigError(f"--prompt {arg}: task {name!r} given twice (name them: --prompt NAME=PATH)")
         tasks.append(Task(name, values.float(), meta["label_names"], meta["verbalizer_ids"], meta.get("max_length")))
+    if flags is not None and not used_flags:
+        raise ConfigError("--labels: every --prompt has its own prompt.json (labels, verbalizer); drop the flag")
     return tasks
 
 
@@ -155,12 +167,21 @@ def predict_rows(model, ids: list[list[int]], task_idx: list[int], tasks: list[T
     return out
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m softprompt.predict", description=__doc__.split("\n\n")[0] + ".",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from launcher.args import Parser
+
+    p = Parser(prog="python -m softprompt.predict", description="\n\n".join(__doc__.split("\n\n")[:3]))
     p.add_argument("--model", default="tiny", help="the frozen model the prompts were trained on")
     p.add_argument("--prompt", action="append", required=True,
-                   help="[TASK=]prompt.safetensors (prompt.json beside it); repeat for several tasks")
+                   help="[TASK=]PATH: prompt.safetensors (prompt.json beside it), a run's output dir, or a PEFT "
+                        "prompt-tuning adapter dir (or its adapter_model.safetensors); repeat for several tasks")
     p.add_argument("--input", required=True, help="jsonl, csv or tsv file of rows to classify")
     p.add_argument("--output", required=True, help="predictions, one JSON line per input row")
     p.add_argument("--text_field", default="text", help="field holding the text")
@@ -169,26 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label_field", default=None, help="optional gold labels: accuracy is printed")
     p.add_argument("--ensemble", choices=("mean", "vote"), default=None,
                    help="score every row with every prompt and combine")
-    p.add_argument("--max_length", type=int, default=None,
+    p.add_argument("--max_length", type=positive_int, default=None,
                    help="truncate inputs (default: what the prompts were trained with)")
-    p.add_argument("--batch_size", type=int, default=64, help="rows per forward, per rank")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="rows per forward, per rank")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated classes of a --prompt without prompt.json (a PEFT adapter from elsewhere)")
+    p.add_argument("--verbalizer_words", default=None, help="with --labels: one label word per class")
+    p.add_argument("--verbalizer_ids", default=None, help="with --labels: one token id per class")
     p.add_argument("--ds_config", default=None,
                    help="DeepSpeed JSON (ZeRO-3 shards the frozen model across ranks); none = plain model")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
 
+def check_paths(args) -> None:
+    """--input readable, --output a file path that is not the input (it is replaced only at the end)."""
+    path, out = Path(args.input), Path(args.output)
+    if not path.is_file():
+        raise ConfigError(f"--input {path}: file not found")
+    if out.is_dir():
+        raise ConfigError(f"--output {out}: is a directory; give the predictions file's path")
+    if out.resolve() == path.resolve() or (out.exists() and os.path.samefile(out, path)):
+        raise ConfigError(f"--output {out}: is the --input file {path}; it would be overwritten")
+
+
+class NonFiniteError(RuntimeError):
+    """The model produced NaN/Inf class scores from finite inputs."""
+
+
+def check_finite(results, path: Path) -> None:
+    """Every rank holds all results: all raise together, before rank 0 writes anything."""
+    for row, _, probs in results:
+        if not torch.tensor(probs).isfinite().all():
+            raise NonFiniteError(f"{where_row(path, row)}: the class probabilities are NaN/Inf (the model's weights "
+                                 "or its dtype overflow); nothing was written")
+
+
 def run(args) -> int:
     from .model import PromptedMT5
 
     # Validate everything before any process group or output exists.
+    check_paths(args)
     source = loading.model_source(args.model)
     model_config = loading.load_model_config(source)
     tokenizer = loading.load_tokenizer(source)
-    tasks = load_tasks(args.prompt, model_config, tokenizer_hash(tokenizer))
+    tasks = load_tasks(args, model_config, tokenizer, tokenizer_hash(tokenizer))
     path = Path(args.input)
-    if not path.is_file():
-        raise ConfigError(f"--input {path}: file not found")
     fields = {"text": args.text_field}
     for key, value in (("text_pair", args.text_pair_field), ("task", args.task_field), ("label", args.label_field)):
         if value:
@@ -224,6 +271,7 @@ def run(args) -> int:
         mine = predict_rows(model, ids, task_idx, tasks, heads, args.ensemble, args.batch_size,
                             tokenizer.pad_token_id, rank, world, device)
         results = sorted(r for part in dist.gather_objects(mine) for r in part)
+        check_finite(results, path)
         if rank == 0:
             write(args, results, tasks, columns.get("label"))
     finally:
@@ -241,7 +289,7 @@ def write(args, results, tasks: list[Task], gold: list | None) -> None:
                   "label": task.label_names[pred],
                   "probs": {name: round(float(p), 6) for name, p in zip(task.label_names, mean)}}
         correct += gold is not None and str(gold[row]) == record["label"]
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")  # NaN is not JSON
     write_text(args.output, "".join(lines))
     print(f"wrote {len(lines)} predictions to {args.output}")
     if gold is not None:
@@ -249,13 +297,14 @@ def write(args, results, tasks: list[Task], gold: list | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from launcher.args import UsageError
+
     try:
-        return run(args)
-    except ConfigError as e:
+        return run(build_parser().parse_args(argv))
+    except (ConfigError, UsageError, NonFiniteError) as e:
         if dist.is_main_process():
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, NonFiniteError) else 2
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {  # -> whether it takes an output directory
     "train.py": True, "launcher.sweep": True, "launcher.aggregate": True, "benchmarks.bench": False,
     "benchmarks.scaling": True, "benchmarks.quality": True, "softprompt.predict": False,
+    "softprompt.export": False,
 }
 # Built with launcher.args.HelpFormatter: each default shown once, none for flags without one.
 ONE_DEFAULT_EACH = ("train.py", "launcher.sweep", "launcher.aggregate", "benchmarks.bench", "benchmarks.scaling",
-                    "benchmarks.quality")
+                    "benchmarks.quality", "softprompt.predict", "softprompt.export")
 
 
 @pytest.fixture(scope="module")
