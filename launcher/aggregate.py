@@ -66,6 +66,25 @@ def to_markdown(rows: list[dict], missing: list[tuple[int, dict]], baseline: dic
     return text
 
 
+def wandb_note(tasks: list[dict]) -> str:
+    """summary.md's pointer to the same study in W&B: where the finished runs logged to, and the panels that
+    plot it from their summaries (softprompt/tracking.py); '' when none logged to W&B."""
+    places: dict[tuple, int] = {}
+    for t in tasks:
+        path = Path(t["output_dir"]) / "results.json"
+        w = json.loads(path.read_text()).get("wandb") if path.exists() else None
+        if w:
+            places[w["project"], w.get("group")] = places.get((w["project"], w.get("group")), 0) + 1
+    if not places:
+        return ""
+    where = "; ".join(f"project `{p}`" + (f", group `{g}`" if g else "") + f" ({n} runs)"
+                      for (p, g), n in places.items())
+    return (f"\n## In W&B\n\n{where}. The plot above: a Scatter plot panel, X `prompt_length` (log scale), "
+            "Y `test/accuracy`, over the group's runs (one panel per model: filter `model`). Mean ± std per point: "
+            "group the runs by `model` and `prompt_length`, then a Bar chart of `test/accuracy`. The runs table "
+            "sorts by `eval/accuracy.max` (best dev) and `test/accuracy` (the best-dev prompt on test).\n")
+
+
 def loss_suffix(entry: dict) -> str:
     """', balanced loss' for a task or row trained with the class-balanced loss (benchmarks.quality), else ''."""
     return ", balanced loss" if entry.get("loss") == "balanced" else ""
@@ -209,7 +228,7 @@ def run(argv: list[str]) -> int:
     missing = [(i, t) for i, (t, r) in enumerate(zip(tasks, finished)) if r is None]
     baseline = baseline_for(tasks[0]["args"], explicit=False)
     write_text(out / "summary.csv", tables.to_csv(rows, columns(varying(tasks))))
-    write_text(out / "summary.md", to_markdown(rows, missing, baseline))
+    write_text(out / "summary.md", to_markdown(rows, missing, baseline) + wandb_note(tasks))
     paths = plot(rows, baseline, out / "prompt_length", formats)
     print(f"{len(tasks) - len(missing)} of {len(tasks)} tasks finished; wrote {out}/summary.csv, summary.md, "
           + ", ".join(p.name for p in paths))

@@ -104,11 +104,12 @@ def sbatch_command(sweep_json: Path, n_tasks: int, max_concurrent: int) -> list[
             f"--output={logs}/%A_%a.out", str(ROOT / "slurm" / "sweep.sbatch"), str(sweep_json)]
 
 
-def run_local(tasks: list[dict], dry_run: bool, jobs: int = 1, log_dir: Path | None = None) -> int:
-    """Run the tasks here, `jobs` at a time, skipping finished ones; 1 if any failed. With jobs > 1 each
-    task writes its output to log_dir/<run name>.log and gets the cores split `jobs` ways as torch threads
-    (OMP_NUM_THREADS, unless set): a small model keeps one thread busier than several, so parallel
-    runs get more done than threads within one run."""
+def run_local(tasks: list[dict], dry_run: bool, jobs: int = 1, log_dir: Path | None = None,
+              env: dict | None = None) -> int:
+    """Run the tasks here, in `env` (default: ours), `jobs` at a time, skipping finished ones; 1 if any
+    failed. With jobs > 1 each task writes its output to log_dir/<run name>.log and gets the cores split
+    `jobs` ways as torch threads (OMP_NUM_THREADS, unless set): a small model keeps one thread busier
+    than several, so parallel runs get more done than threads within one run."""
     from launcher.aggregate import describe
 
     todo = []
@@ -121,10 +122,9 @@ def run_local(tasks: list[dict], dry_run: bool, jobs: int = 1, log_dir: Path | N
             print(f"task {i}: done already ({task['output_dir']})")
         else:
             todo.append((i, task, cmd))
-    env = None
+    env = dict(os.environ if env is None else env)
     if jobs > 1:
-        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // jobs)))
-        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // jobs)))
         log_dir.mkdir(parents=True, exist_ok=True)
     failed, running = [], {}  # running: Popen -> (task index, its log file or None)
     try:
@@ -164,16 +164,17 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json(sweep_json, {"tasks": tasks})
     print(f"{sweep_json}: {len(tasks)} tasks")
+    # The sweep's name groups its runs in W&B (train.py records $WANDB_RUN_GROUP as the run's group);
+    # under Slurm each task's own run id is keyed on its array task (slurm/train.sbatch).
+    env = {**os.environ, "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", out.name)}
     if args.local:
-        return run_local(tasks, args.dry_run, args.jobs, out / "logs")
+        return run_local(tasks, args.dry_run, args.jobs, out / "logs", env)
 
     cmd = sbatch_command(sweep_json, len(tasks), args.max_concurrent)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
     (out / "logs").mkdir(exist_ok=True)  # Slurm does not create the log directory
-    # The sweep's name groups its runs in W&B; each task's own run id is keyed on its array task.
-    env = {**os.environ, "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", out.name)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"error: sbatch failed: {proc.stderr.strip()}", file=sys.stderr)

@@ -95,7 +95,7 @@ class TrainRecipe:
         self.t0 = time.perf_counter()
 
     def setup(self) -> None:
-        from .tracking import Tracker
+        from .tracking import Tracker, run_summary
 
         v = self.inputs = self.inputs or validate(self.cfg)
         t = self.cfg.train
@@ -120,7 +120,7 @@ class TrainRecipe:
         self.tracker = Tracker(t.output_dir, self.rank == 0, v.schedule.total_steps, t.quiet, self.state.step,
                                wandb=v.wandb, resume_run_id=self.state.wandb_run_id,
                                run_config=report.resolved(self.cfg, v, self.world, self.counts) if self.rank == 0
-                               else None)
+                               else None, summary=run_summary(self.cfg, v.settings.lr))
         self.tracker.print(report.header(self.cfg, v) + (f"\nresumed from {v.resume_from}" if v.resume_from else ""))
 
     def train(self) -> RunResult:
@@ -148,6 +148,7 @@ class TrainRecipe:
         write_json(out / "results.json", report.results(self.cfg, v, result, self.world, self.counts,
                                                         time.perf_counter() - self.t0))
         self.tracker.print(f"wrote {out}/results.json" + (" and prompt.safetensors" if result.prompt is not None else ""))
+        self.tracker.log_outputs(out, result.best_step, prompt=result.prompt is not None)  # to W&B
 
     def close(self, clean: bool = True) -> None:
         if self.tracker is not None:

@@ -84,7 +84,8 @@ def replayable(cfg: RunConfig, v) -> dict:
                         lr=v.settings.lr, activation_checkpointing=v.activation_checkpointing, overwrite=False,
                         dry_run=False)
     if v.wandb is not None:
-        out["train"].update(wandb_project=v.wandb.project, wandb_mode=v.wandb.mode, wandb_run_name=v.wandb.name)
+        out["train"].update(wandb_project=v.wandb.project, wandb_mode=v.wandb.mode, wandb_run_name=v.wandb.name,
+                            wandb_group=v.wandb.group)
     return out
 
 

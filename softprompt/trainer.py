@@ -205,7 +205,9 @@ def train_loop(run) -> RunResult:
                 st.best = Best(step, dev, state)
                 if not keep_prompt and splits.test is not None:  # no prompt to restore later: score test now
                     st.best.test = score(splits.test)
-            t_log += time.perf_counter() - t_eval  # keep eval time out of train throughput
+            eval_s = time.perf_counter() - t_eval
+            t_log += eval_s  # keep eval time out of train throughput and the ETA
+            tracker.exclude(eval_s)
 
         if stop or (t.save_every and step % t.save_every == 0):
             dist.phase("writing a checkpoint", step)

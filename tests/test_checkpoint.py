@@ -50,6 +50,17 @@ def start_ranks(model_dir, ds, out, log_prefix: Path, **extra) -> list[subproces
     return ranks
 
 
+def sigterm_trees(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each process and all its descendants, as Slurm signals the processes of a job step."""
+    for proc in procs:
+        tree = psutil.Process(proc.pid)
+        for p in [tree, *tree.children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+
+
 def wait_for_step(proc, out: Path, step: int, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -174,13 +185,7 @@ def test_sigterm_to_ranks_started_without_a_launcher(setup):
     out = tmp / "srun_like"
     ranks = start_ranks(model_dir, ds, out, tmp / "srun_like_rank")
     wait_for_step(ranks[0], out, 7)
-    for rank in ranks:
-        tree = psutil.Process(rank.pid)
-        for p in [tree, *tree.children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
+    sigterm_trees(ranks)
     codes = [rank.wait(timeout=120) for rank in ranks]
     output = (tmp / "srun_like_rank0.log").read_text()
     assert codes == [checkpoint.EXIT_REQUEUE] * 2, output[-3000:]
