@@ -71,8 +71,27 @@ def validate(cfg: RunConfig) -> Validated:
     weights = None
     if cfg.train.class_weights == "balanced":
         weights = balanced_weights(splits.train["label"], splits.label_names)
-    return Validated(ds_config, sizes, model_path, model_config, tokenizer, splits, pieces, schedule,
-                     resume_from, init, weights, tok_hash)
+    v = Validated(ds_config, sizes, model_path, model_config, tokenizer, splits, pieces, schedule,
+                  resume_from, init, weights, tok_hash)
+    if resume_from is not None:
+        checkpoint.check_fingerprint(checkpoint.read_fingerprint(resume_from), fingerprint(cfg, v), resume_from)
+    return v
+
+
+def fingerprint(cfg: RunConfig, v: Validated) -> dict:
+    """What a run resumed from a checkpoint must share with the run that wrote it: everything that
+    decides the examples, the model, the prompt and the optimizer (not the world size)."""
+    m = cfg.model
+    data = {k: val for k, val in asdict(cfg.data).items() if k != "cache_dir"}
+    splits = {k: len(getattr(v.splits, k)) for k in ("train", "dev", "test") if getattr(v.splits, k) is not None}
+    return {**data, "split_sizes": splits, "label_names": v.splits.label_names, "model": v.model_path,
+            "tokenizer_hash": v.tokenizer_hash, "verbalizer_ids": v.pieces, "tune": m.tune,
+            "prompt_length": m.prompt_length, "prompt_depth": m.prompt_depth, "prompt_init": m.prompt_init,
+            "reparam": m.reparam, "reparam_dim": m.reparam_dim, "prompt_max_norm": m.prompt_max_norm,
+            "dropout": m.dropout, "seed": cfg.train.seed, "class_weights": cfg.train.class_weights,
+            "select_metric": cfg.train.select_metric, "global_batch": v.sizes.global_batch,
+            "optimizer": v.ds_config.get("optimizer"), "scheduler": v.ds_config.get("scheduler"),
+            "gradient_clipping": v.ds_config.get("gradient_clipping", 0.0)}
 
 
 def load_init_prompt(cfg: RunConfig, model_config, label_names: list[str], tok_hash: str):
@@ -277,8 +296,8 @@ def run(cfg: RunConfig) -> int:
         def save(step: int, trainer_state: dict) -> None:
             prompt = eng.module.prompt
             values = prompt.export(prompt_lib.read_state(prompt)) if prompt is not None else None  # collective
-            checkpoint.save_checkpoint(eng, cfg.train.output_dir, step, trainer_state,
-                                       values, prompt_meta(cfg, v), cfg.train.keep_checkpoints, rank)
+            checkpoint.save_checkpoint(eng, cfg.train.output_dir, step, trainer_state, values, prompt_meta(cfg, v),
+                                       cfg.train.keep_checkpoints, rank, fingerprint=fingerprint(cfg, v))
 
         result = trainer.train(eng, v.splits, v.sizes, v.schedule, cfg, tracker, v.tokenizer.pad_token_id,
                                rank, engine.device(), state, save, preemption, v.class_weights)
