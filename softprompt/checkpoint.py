@@ -35,7 +35,6 @@ from safetensors.torch import load_file, save_file
 from . import optim_state, statefile
 from .config import ConfigError
 from .io import atomic_write, write_json, write_text
-from .prompt import read_param, write_param
 from .statefile import CHECKSUMS, rng_state, set_rng_state  # noqa: F401 (rng_state: public API)
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, requeue me" (slurm/*.sbatch act on it)
@@ -104,11 +103,8 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, prompt: t
     if prompt is not None and (bad := _nonfinite(prompt)):  # every rank raises, before any barrier
         raise ValueError(f"step {step}: the prompt has {bad} NaN/Inf values; not checkpointing it")
     client_json, client_tensors = statefile.split_tensors(dict(client_state))
-    params = {}
-    for name, p in optim_state.trainable(engine):
-        value = read_param(p)  # collective under ZeRO-3
-        if rank == 0:
-            params[name] = value
+    engine_state = optim_state.read_engine(engine)
+    params = optim_state.read_masters(engine, keep=rank == 0)  # collective under ZeRO-3
     optim_tensors, optim_meta = optim_state.read_optimizer(engine, keep=rank == 0)  # collective
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)  # leftovers of an earlier run at this step
@@ -122,7 +118,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, prompt: t
         if prompt is not None:
             save_prompt(path, prompt, prompt_meta)
         write_json(path / MANIFEST, {"format": FORMAT, "step": step, "world_size": world, "fingerprint": fingerprint,
-                                     "engine": optim_state.read_engine(engine), "optimizer": optim_meta})
+                                     "engine": engine_state, "optimizer": optim_meta})
     _barrier()  # every rank's files are on disk before they are summed and the checkpoint becomes visible
     if rank == 0:
         names = [MANIFEST, PARAMS, OPTIMIZER, TRAINER, TRAINER_TENSORS, *map(rng_file, range(world))]
@@ -182,7 +178,8 @@ def _inspect(path: Path) -> tuple[dict[str, str], dict]:
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles and MANIFEST not in names and CHECKSUMS not in names:
         raise ConfigError(f"{label}: written by an older softprompt in DeepSpeed's pickle format, which is never "
-                          f"loaded (it can run code); start from its prompt with --init_prompt {path / 'prompt.safetensors'}")
+                          "loaded (it can run code); start from its prompt with "
+                          f"--init_prompt {path / 'prompt.safetensors'}")
     if pickles:
         raise ConfigError(f"{label}: holds {', '.join(pickles)}: pickle files are never loaded (they can run code), "
                           "and softprompt checkpoints have none; remove them or resume from another checkpoint")
@@ -213,7 +210,8 @@ def check_fingerprint(saved: dict, current: dict, path) -> None:
             for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
     if diff:
         raise ConfigError(f"checkpoint {path} belongs to another run: {'; '.join(diff)}. Resume with the same "
-                          f"settings, or start a new --output_dir (--init_prompt {Path(path) / 'prompt.safetensors'})")
+                          "settings, or start a new run in another --output_dir (it may start from this prompt: "
+                          f"--init_prompt {Path(path) / 'prompt.safetensors'})")
 
 
 def load_checkpoint(engine, path: Path, world: int, rank: int) -> dict:
@@ -237,8 +235,7 @@ def load_checkpoint(engine, path: Path, world: int, rank: int) -> dict:
     optim_state.check_optimizer(engine, optim, manifest["optimizer"], label)
     if not isinstance(client, dict) or client.get("step") != manifest["step"]:
         raise ConfigError(f"{label}: {TRAINER} does not hold the state of step {manifest['step']}")
-    for name, p in named:
-        write_param(p, params[name])  # collective under ZeRO-3
+    optim_state.write_masters(engine, params)  # collective under ZeRO-3
     optim_state.write_optimizer(engine, optim, manifest["optimizer"])
     optim_state.write_engine(engine, manifest["engine"], label)
     if manifest["world_size"] == world:

@@ -270,11 +270,11 @@ def initialize(model: torch.nn.Module, ds_config: dict, tune: str = "prompt"):
     config, optimizer = client_optimizer(ds_config, params)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                    config=config)
-    # ZeRO hands the optimizer flat fp32 partitions of the trainable parameters, so compare element
-    # counts summed over ranks rather than tensor identities. Without a ZeRO/bf16 wrapper (stage 0,
-    # fp32) every rank holds all of them.
+    # ZeRO (and the bf16 optimizer, which links `_hp_mapping`) hands the optimizer flat fp32 partitions
+    # of the trainable parameters, so compare element counts summed over ranks rather than tensor
+    # identities. Without ZeRO every rank holds all of them.
     held = sum(p.numel() for p in optimized_tensors(engine))
-    if base_optimizer(engine) is not engine.optimizer:
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params):
         held = all_reduce_sum(torch.tensor(held)).item()
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     assert held == n_train, f"the optimizer holds {held} elements; the trainable parameters have {n_train}"
