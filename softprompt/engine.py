@@ -54,13 +54,14 @@ def initialize(model: torch.nn.Module, ds_config: dict, tune: str = "prompt"):
     config, optimizer = client_optimizer(ds_config, params)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                    config=config)
-    # What the optimizer holds: ZeRO (and DeepSpeed's bf16 optimizer) partition the trainable parameters'
-    # fp32 copies over the ranks, so that their sum is one copy; plain data parallelism keeps one per rank.
+    # ZeRO (and the bf16 optimizer, which links `_hp_mapping`) hands the optimizer flat fp32 partitions
+    # of the trainable parameters, so compare element counts summed over ranks rather than tensor
+    # identities. Without ZeRO every rank holds all of them.
     held = sum(p.numel() for p in optimized_tensors(engine))
-    summed = int(all_reduce_sum(torch.tensor(held)).item())
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params):
+        held = int(all_reduce_sum(torch.tensor(held)).item())
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    assert n_train in (held, summed), f"the optimizer holds {held} elements ({summed} over all ranks); the " \
-                                      f"trainable parameters have {n_train}"
+    assert held == n_train, f"the optimizer holds {held} elements; the trainable parameters have {n_train}"
     return engine, scheduler
 
 

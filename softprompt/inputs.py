@@ -15,6 +15,7 @@ from . import checkpoint, data, dsconfig, export, loading, rundir, tiny, verbali
 from . import prompt as prompt_lib
 from .config import ConfigError, RunConfig
 from .metrics import balanced_weights
+from .report import fingerprint
 from .tokenize import tokenizer_hash
 from .trainer import Schedule
 
@@ -77,9 +78,12 @@ def validate(cfg: RunConfig) -> Inputs:
         raise ConfigError(str(e)) from None
     tok_hash = tokenizer_hash(tokenizer)  # once: it serializes the whole vocabulary
     init = load_init_prompt(cfg, model_config, splits.label_names, tok_hash) if t.init_prompt else None
-    return Inputs(ds_config, ds_source, dsconfig.Settings.of(ds_config), sizes, notes, source, model_config,
-                  tokenizer, tok_hash, splits, pieces, schedule, checkpoint.find_checkpoint(t.output_dir, t.resume),
-                  init, class_weights, wandb_settings(cfg, os.environ), checkpointing, weights)
+    v = Inputs(ds_config, ds_source, dsconfig.Settings.of(ds_config), sizes, notes, source, model_config,
+               tokenizer, tok_hash, splits, pieces, schedule, checkpoint.find_checkpoint(t.output_dir, t.resume),
+               init, class_weights, wandb_settings(cfg, os.environ), checkpointing, weights)
+    if v.resume_from is not None:  # the same run, or a clear refusal naming what differs
+        checkpoint.check_fingerprint(checkpoint.read_fingerprint(v.resume_from), fingerprint(cfg, v), v.resume_from)
+    return v
 
 
 def devices(world: int) -> tuple[str, int, int, float]:
@@ -98,7 +102,8 @@ def devices(world: int) -> tuple[str, int, int, float]:
     return ("gpu" if gpu else "cpu"), local, -(-world // local), memory / 2**30
 
 
-def plan_parallelism(cfg: RunConfig, model_config, source, tied: bool, world: int) -> tuple[object, dict, str, int, bool]:
+def plan_parallelism(cfg: RunConfig, model_config, source, tied: bool,
+                     world: int) -> tuple[object, dict, str, int, bool]:
     """Where the planner (softprompt/plan.py) decides: (its recommendation for --ds_config auto, else None;
     the DeepSpeed JSON and where it came from; the largest micro-batch for an "auto" micro-batch; whether
     activation checkpointing is on: asked for, or what the recommendation needs)."""

@@ -134,7 +134,7 @@ class TrainRecipe:
         values = prompt.export(prompt_lib.read_state(prompt)) if prompt is not None else None
         checkpoint.save_checkpoint(self.engine, self.cfg.train.output_dir, self.state.step, self.state.to_dict(),
                                    values, report.prompt_meta(self.cfg, self.inputs), self.cfg.train.keep_checkpoints,
-                                   self.rank)
+                                   self.rank, fingerprint=report.fingerprint(self.cfg, self.inputs))
 
     def save(self, result: RunResult) -> None:
         """prompt.safetensors (the best-dev prompt; none with --tune full) and results.json, on rank 0."""

@@ -89,6 +89,22 @@ def replayable(cfg: RunConfig, v) -> dict:
     return out
 
 
+def fingerprint(cfg: RunConfig, v) -> dict:
+    """What a run resumed from a checkpoint must share with the run that wrote it: everything that decides
+    the examples, the model, the prompt and the optimizer (not the world size)."""
+    m = cfg.model
+    data = {k: val for k, val in asdict(cfg.data).items() if k != "cache_dir"}
+    splits = {k: len(getattr(v.splits, k)) for k in ("train", "dev", "test") if getattr(v.splits, k) is not None}
+    return {**data, "split_sizes": splits, "label_names": v.splits.label_names, "model": v.source.name,
+            "tokenizer_hash": v.tokenizer_hash, "verbalizer_ids": v.pieces, "tune": m.tune,
+            "prompt_length": m.prompt_length, "prompt_depth": m.prompt_depth, "prompt_init": m.prompt_init,
+            "reparam": m.reparam, "reparam_dim": m.reparam_dim, "prompt_max_norm": m.prompt_max_norm,
+            "dropout": m.dropout, "seed": cfg.train.seed, "class_weights": cfg.train.class_weights,
+            "select_metric": cfg.train.select_metric, "global_batch": v.sizes.global_batch,
+            "optimizer": v.ds_config.get("optimizer"), "scheduler": v.ds_config.get("scheduler"),
+            "gradient_clipping": v.ds_config.get("gradient_clipping", 0.0)}
+
+
 def prompt_meta(cfg: RunConfig, v) -> dict:
     """What prompt.json records: enough to check a prompt against a model and data before use."""
     return {"model": v.source.name, "init": cfg.model.prompt_init, "depth": cfg.model.prompt_depth,
