@@ -8,7 +8,8 @@ import dataclasses
 import types
 import typing
 
-from softprompt.config import SECTIONS, ConfigError, RunConfig, choices, read_yaml
+from softprompt.config import SECTIONS, ConfigError, RunConfig, choices
+from softprompt.io import read_yaml
 
 from .args import HelpFormatter
 

@@ -300,31 +300,3 @@ def default_run_name(model: ModelConfig, seed: int) -> str:
                                            ("residual", model.reparam == "residual")) if on)
     return f"{name}_pl{model.prompt_length}_init-{model.prompt_init}{method}_s{seed}"
 
-
-YAML_HEADER = """\
-# A softprompt run's whole configuration, as resolved (the DeepSpeed JSON inline).
-# Repeat the run:  train.py --config config.yaml --output_dir NEW_DIR   (flags after it override it)
-"""
-
-
-def to_yaml(values: dict) -> str:
-    import yaml
-
-    return YAML_HEADER + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120)
-
-
-def read_yaml(path: str) -> dict:
-    """A config.yaml as {section: {field: value}}; unreadable or malformed files are one ConfigError."""
-    import yaml
-
-    try:
-        values = yaml.safe_load(open(path, encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"--config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"--config {path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    if not isinstance(values, dict) or not all(isinstance(v, (dict, type(None))) for v in values.values()):
-        raise ConfigError(f"--config {path}: expected sections data:, model:, train: holding settings")
-    return values

@@ -21,9 +21,9 @@ import torch
 
 from . import checkpoint, dist, engine, preemption, report, rundir
 from . import prompt as prompt_lib
-from .config import ConfigError, RunConfig, to_yaml
+from .config import ConfigError, RunConfig
 from .inputs import Inputs, validate
-from .io import write_json, write_text
+from .io import to_yaml, write_json, write_text
 
 EXIT_CONFIG_ERROR = 2
 EXIT_FAILURE = 1

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from softprompt.config import (SECTIONS, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, choices,
-                               default_run_name, read_yaml, to_yaml)
+                               default_run_name)
+from softprompt.io import read_yaml, to_yaml
 
 
 def test_literal_fields_list_their_choices():
