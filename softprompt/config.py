@@ -99,7 +99,7 @@ class ModelConfig:
         default="prompt",
     )
     prompt_length: int = _help("soft prompt tokens prepended to every input (0: none, only with --tune full)",
-                               default=20)
+                               default=50)
     prompt_depth: PromptDepth = _help(
         "input (Lester et al.: a prompt before the input embeddings), encoder (deep prompts as in P-tuning v2: "
         "a trainable prompt at the input of every encoder layer) or all (every encoder and decoder layer; the "
@@ -119,8 +119,9 @@ class ModelConfig:
     )
     prompt_init: PromptInit = _help(
         "random (uniform +-0.5), vocab (embeddings of tokens sampled from the 5,000 most frequent in the "
-        "training text) or labels (label-word embeddings, then vocab rows past the last class)",
-        default="random",
+        "training text; with replacement where it has fewer, from the first 5,000 of the vocabulary where it has "
+        "none) or labels (each class's label-word embedding, then vocab rows past the last class)",
+        default="labels",
     )
     verbalizer_ids: str | None = _help(
         "comma-separated token ids, one per class in label order (default: 3,4,5,...)", default=None

@@ -106,7 +106,8 @@ def build(cfg, v):
     if m.prompt_length:
         init = v.init_prompt
         if init is None:
-            frequent = (prompt_lib.most_frequent_ids(v.splits.train["input_ids"], set(v.tokenizer.all_special_ids))
+            frequent = (prompt_lib.most_frequent_ids(v.splits.train["input_ids"], set(v.tokenizer.all_special_ids),
+                                                     v.model_config.vocab_size)
                         if m.prompt_init in ("vocab", "labels") else ())
             init = prompt_lib.init_prompt(m.prompt_init, m.prompt_length, mt5.shared, cfg.train.seed, frequent,
                                           v.pieces)

@@ -106,9 +106,14 @@ class SoftPrompt(nn.Module):
             return plain.values().detach()
 
 
-def most_frequent_ids(sequences: Iterable[Sequence[int]], exclude: set[int], k: int = VOCAB_INIT_TOP_K) -> list[int]:
-    """The k most frequent token ids (ties broken by id, so the result is deterministic)."""
+def most_frequent_ids(sequences: Iterable[Sequence[int]], exclude: set[int], vocab_size: int,
+                      k: int = VOCAB_INIT_TOP_K) -> list[int]:
+    """The k most frequent token ids of the training text (ties broken by id, so the result is
+    deterministic); where the text has none but special tokens (only characters the vocabulary lacks),
+    the first k ordinary ids of the vocabulary."""
     counts = Counter(t for seq in sequences for t in seq if t not in exclude)
+    if not counts:
+        return [t for t in range(vocab_size) if t not in exclude][:k]
     return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
 
 
@@ -121,7 +126,8 @@ def init_rows(
 ) -> list[list[int]] | None:
     """Which embedding rows each prompt token starts from (averaged when several), or None for `random`.
 
-    `vocab`: n_tokens ids sampled without replacement from `frequent_ids` (with replacement if fewer).
+    `vocab`: n_tokens ids sampled without replacement from `frequent_ids` (with replacement when the
+    training text has fewer distinct tokens than the prompt has rows).
     `labels`: class i's label pieces for token i, then `vocab` rows past the last class, as in Lester et
     al. (a class's label rows start one token each, not cycled over the whole prompt).
     """

@@ -59,5 +59,5 @@ def test_default_run_name():
     assert default_run_name(ModelConfig(model="google/mt5-xl", prompt_length=100, prompt_init="labels"), 0) == \
         "mt5-xl_pl100_init-labels_s0"
     assert default_run_name(ModelConfig(prompt_depth="all", reparam="residual"), 1) == \
-        "tiny_pl20_init-random_deep-all_residual_s1"
+        "tiny_pl50_init-labels_deep-all_residual_s1"
     assert default_run_name(ModelConfig(tune="full", prompt_length=0), 2) == "tiny_full_s2"

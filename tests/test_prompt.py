@@ -7,8 +7,10 @@ from softprompt import prompt
 
 def test_most_frequent_ids_deterministic_and_excludes():
     seqs = [[5, 5, 7, 1], [7, 5, 9, 1], [9, 8]]
-    assert prompt.most_frequent_ids(seqs, exclude={1}, k=3) == [5, 7, 9]  # 7 and 9 both twice: ties go by id
-    assert prompt.most_frequent_ids(seqs, exclude={1, 5}, k=10) == [7, 9, 8]
+    assert prompt.most_frequent_ids(seqs, exclude={1}, vocab_size=10, k=3) == [5, 7, 9]  # 7 and 9 both twice: ties go by id
+    assert prompt.most_frequent_ids(seqs, exclude={1, 5}, vocab_size=10, k=10) == [7, 9, 8]
+    # Text of nothing but special tokens (e.g. all <unk>): the first ordinary ids of the vocabulary.
+    assert prompt.most_frequent_ids([[2, 1], [2]], exclude={0, 1, 2}, vocab_size=10, k=4) == [3, 4, 5, 6]
 
 
 def test_random_init_uniform_half_and_seeded():

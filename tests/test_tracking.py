@@ -401,7 +401,7 @@ def settings(args, environ=None):
 
 def test_wandb_flags():
     assert settings(["--wandb_project=p", "--wandb_mode=offline", "--wandb_tags=a, b"]) == \
-        WandbSettings("p", "offline", "tiny_pl20_init-random_s0", None, ("a", "b"))
+        WandbSettings("p", "offline", "tiny_pl50_init-labels_s0", None, ("a", "b"))
     assert settings(["--wandb_project=p", "--wandb_mode=disabled"]) is None
     assert settings(["--wandb_mode=offline", "--model=google/mt5-xl", "--prompt_length=100", "--prompt_init=labels"],
                     {"WANDB_PROJECT": "env-p"}) == WandbSettings("env-p", "offline", "mt5-xl_pl100_init-labels_s0")
