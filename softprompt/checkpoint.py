@@ -72,7 +72,7 @@ def load_prompt(path: str | Path, flag: str = "prompt") -> tuple[torch.Tensor, d
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise ConfigError(f"{flag} {path}: not a readable prompt file ({str(e).splitlines()[0]})") from None
     if bad := _nonfinite(prompt):
-        raise ConfigError(f"{flag} {path}: the prompt has {bad} NaN/Inf values")
+        raise ConfigError(f"{flag} {path}: the prompt has {bad} NaN/Inf values (a diverged run?)")
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return prompt, meta
