@@ -21,8 +21,12 @@ from softprompt import checkpoint, statefile
 from softprompt.config import ConfigError
 from test_distributed import ROOT, deepspeed, ds_config, free_port, read_metrics, run, train_args
 
-STEPS = 60
-ARGS = dict(max_steps=STEPS, save_every=5, eval_every=30, keep_checkpoints=2)
+STEPS = 30
+ARGS = dict(max_steps=STEPS, save_every=5, eval_every=15, keep_checkpoints=2)
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 def launch(model_dir, ds, out, log: Path | None = None, **extra):
@@ -116,7 +120,7 @@ def test_sigkill_then_resume_is_exact(setup):
     assert f"resumed from {out / 'checkpoints' / latest}" in output
     assert_same_run(out, reference)
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
-    assert tags == ["step_00000055", "step_00000060"]  # --keep_checkpoints 2
+    assert tags == [tag(STEPS - 5), tag(STEPS)]  # --keep_checkpoints 2
 
 
 @pytest.mark.distributed
@@ -234,17 +238,17 @@ def test_resume_at_another_world_size(setup, tmp_path):
     one = tmp_path / "one"
     shutil.copytree(reference, one)
     with (one / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 61, "train/lo')
+        f.write(f'{{"step": {STEPS + 1}, "train/lo')
     proc = run([sys.executable, "train.py", *train_args(model_dir, ds, one, **{
-        **ARGS, "resume": one / "checkpoints" / "step_00000055", "save_every": 1, "keep_checkpoints": 10})])
+        **ARGS, "resume": one / "checkpoints" / tag(STEPS - 5), "save_every": 1, "keep_checkpoints": 10})])
     assert "written with world size 2, this run has 1: the random generators are re-seeded" in proc.stdout
-    assert_close_run(one, reference, range(1, STEPS + 1))  # 1-55 kept as they were, 56-60 by one rank
+    assert_close_run(one, reference, range(1, STEPS + 1))  # up to STEPS-5 kept as they were, the rest by one rank
     two = tmp_path / "two"
-    proc = launch(model_dir, ds, two, resume=one / "checkpoints" / "step_00000056")
+    proc = launch(model_dir, ds, two, resume=one / "checkpoints" / tag(STEPS - 4))
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-3000:]
     assert "written with world size 1, this run has 2" in output
-    assert_close_run(two, reference, range(57, STEPS + 1))
+    assert_close_run(two, reference, range(STEPS - 3, STEPS + 1))
     final = [checkpoint.load_prompt(d / "prompt.safetensors")[0] for d in (one, two, reference)]
     assert torch.allclose(final[0], final[2], rtol=1e-4, atol=1e-5)
     assert torch.allclose(final[1], final[2], rtol=1e-4, atol=1e-5)
@@ -286,11 +290,11 @@ def test_adafactor_resumes_exactly(tiny_model_dir, tmp_path):
     assert ra["final_prompt_sha256"] == rb["final_prompt_sha256"] and ra["test"] == rb["test"]
 
 
-def copy_checkpoint(reference: Path, out: Path, tag: str = "step_00000060") -> Path:
+def copy_checkpoint(reference: Path, out: Path, name: str = tag(STEPS)) -> Path:
     """OUTPUT_DIR `out` with a copy of one of `reference`'s checkpoints as its latest."""
-    shutil.copytree(reference / "checkpoints" / tag, out / "checkpoints" / tag)
-    (out / "checkpoints" / "latest").write_text(tag)
-    return out / "checkpoints" / tag
+    shutil.copytree(reference / "checkpoints" / name, out / "checkpoints" / name)
+    (out / "checkpoints" / "latest").write_text(name)
+    return out / "checkpoints" / name
 
 
 class Payload:
@@ -357,7 +361,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused(setup, tmp_path):
     assert proc.returncode == 2
     assert f"checkpoint {ckpt}: optimizer.safetensors fails its checksum: the file is corrupt" in proc.stderr
     # Another --seed and --prompt_init than the run that wrote the checkpoint: refused before any output.
-    proc = one_process(model_dir, ds, tmp_path / "x", resume=reference / "checkpoints" / "step_00000060",
+    proc = one_process(model_dir, ds, tmp_path / "x", resume=reference / "checkpoints" / tag(STEPS),
                        seed=2, prompt_init="random")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert 'prompt_init "vocab" (checkpoint) != "random" (this run)' in proc.stderr

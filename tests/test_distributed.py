@@ -132,7 +132,7 @@ def test_outputs_written_by_rank_zero(runs):
 @pytest.mark.distributed
 def test_leaves_no_shared_memory_behind(runs):
     """DeepSpeed's CPU shm all-reduce op leaves a 69 MB /dev/shm buffer per rank after every run
-    (README: the CPU shm trap); dist.init keeps DeepSpeed on plain gloo."""
+    (docs/architecture.md, traps); dist.init keeps DeepSpeed on plain gloo."""
     started = (runs[0].parent / "started").stat().st_mtime
     leaked = [p.name for p in Path("/dev/shm").glob("deepspeed_*") if p.stat().st_mtime >= started]
     assert not leaked
