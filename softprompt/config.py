@@ -22,6 +22,7 @@ Tune = Literal["prompt", "full"]
 PromptDepth = Literal["input", "encoder", "all"]
 Reparam = Literal["none", "residual"]
 PromptInit = Literal["random", "vocab", "labels"]
+LabelScoring = Literal["first_mean", "sum", "mean"]
 ClassWeights = Literal["none", "balanced"]
 SelectMetric = Literal["accuracy", "macro_f1"]
 WandbMode = Literal["online", "offline", "disabled"]
@@ -127,9 +128,16 @@ class ModelConfig:
         "comma-separated token ids, one per class in label order (default: 3,4,5,...)", default=None
     )
     verbalizer_words: str | None = _help(
-        "comma-separated label words, one per class in label order (e.g. 正面,中性,负面); a word of several "
-        "pieces scores with the mean of its pieces' lm_head rows",
+        "comma-separated label words, one per class in label order (e.g. 正面,中性,负面); how a word of several "
+        "pieces scores: --label_scoring",
         default=None,
+    )
+    label_scoring: LabelScoring = _help(
+        "how a label word of several pieces scores: first_mean (the decoder's first step: the mean of its pieces' "
+        "logits), sum (rank classification as in T5X: the decoder's log-likelihood of all its pieces, "
+        "teacher-forced) or mean (that log-likelihood per piece); single-piece words score with the first step's "
+        "logit whatever this says (docs/label-scoring.md)",
+        default="first_mean",
     )
     dropout: float = _help(
         "dropout inside the frozen model while training (mT5 checkpoints ship 0.1); 0 makes a step depend only "

@@ -88,11 +88,12 @@ def optimizer_state_numel(engine) -> int:
 def build(cfg, v):
     """The DeepSpeed engine of a training run: the frozen model loaded as `v` (inputs.Inputs) says, the
     prompt initialised as the config says, the verbalizer head read once (a frozen lm_head never changes,
-    so the 250k-row head is never gathered again)."""
+    so the 250k-row head is never gathered again), and for multi-piece words scored by sum/mean the
+    rows of their pieces (softprompt/scoring.py)."""
     import sys
 
     from . import prompt as prompt_lib
-    from . import verbalizer
+    from . import scoring, verbalizer
     from .dist import is_main_process
     from .loading import load_frozen_model
     from .model import PromptedMT5
@@ -102,6 +103,8 @@ def build(cfg, v):
     mt5 = load_frozen_model(v.source, v.model_config, dtype, v.ds_config, m.dropout, v.activation_checkpointing)
     with prompt_lib.gathered([mt5.lm_head.weight]):
         head = verbalizer.class_head(mt5.lm_head.weight.detach(), v.pieces)  # (C, D), a copy
+        # None unless some word has several pieces and --label_scoring is sum/mean; a live lm_head under --tune full.
+        rank = scoring.rank_head(None if m.tune == "full" else mt5.lm_head.weight, [v.pieces], [m.label_scoring])
     prompt = None
     if m.prompt_length:
         init = v.init_prompt
@@ -120,9 +123,9 @@ def build(cfg, v):
                   "threshold", file=sys.stderr)
     if m.tune == "full":  # lm_head trains too: score with its live rows
         mt5.requires_grad_(True)
-        model = PromptedMT5(mt5, prompt, pieces=v.pieces)
+        model = PromptedMT5(mt5, prompt, pieces=v.pieces, rank=rank)
     else:
-        model = PromptedMT5(mt5, prompt, head)
+        model = PromptedMT5(mt5, prompt, head, rank=rank)
     return initialize(model, v.ds_config, m.tune)[0]
 
 

@@ -1,4 +1,5 @@
-"""PromptedMT5: a frozen T5/mT5 with a soft prompt in front, scored with one decoder step."""
+"""PromptedMT5: a frozen T5/mT5 with a soft prompt in front, scored with one decoder step, or with
+one decoder pass over every class's label pieces (rank classification, softprompt/scoring.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 
 from . import verbalizer
 from .prompt import SoftPrompt
+from .scoring import RankHead
 
 
 class PromptedMT5(nn.Module):
@@ -15,15 +17,18 @@ class PromptedMT5(nn.Module):
     `head` holds the verbalizer's lm_head rows (C, D), read once at build time: the frozen lm_head
     never changes, so under ZeRO-3 the 250k-row head is never gathered during training. With
     `pieces` instead (full fine-tuning: lm_head trains), scores come from the live lm_head.
-    `prompt` may be None (full fine-tuning without a prompt).
+    `prompt` may be None (full fine-tuning without a prompt). With `rank` (multi-piece label words
+    scored by `--label_scoring sum|mean`), classes score by the decoder's likelihood of their pieces
+    instead (`rank_scores`); `head`/`pieces` are then unused by `forward`.
     """
 
     def __init__(self, mt5: nn.Module, prompt: SoftPrompt | None, head: torch.Tensor | None = None,
-                 pieces: list[list[int]] | None = None):
+                 pieces: list[list[int]] | None = None, rank: RankHead | None = None):
         super().__init__()
         assert (head is None) != (pieces is None), "give the verbalizer head or its token ids"
         self.mt5 = mt5
         self.prompt = prompt
+        self.rank = rank
         self.register_buffer("head", None if head is None else head.float(), persistent=False)
         self.pieces = pieces
         config = mt5.config
@@ -94,25 +99,54 @@ class PromptedMT5(nn.Module):
         finally:
             self._deep.pop(stack, None)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts=None, prompt_mask=None):
-        """The decoder's first hidden state (B, D), as lm_head sees it. With decoder prompts, the
-        decoder reads [prompt; start token] and the start token's state is the one scored."""
+    def decode(self, decoder_ids: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, dec, prompt_mask):
+        """Decoder states (N, K, D), as lm_head sees them, for decoder inputs (N, K) over encoder
+        `states` / `mask`. With decoder prompts `dec` (N, L, P, D), the decoder reads [prompt; inputs]."""
+        N, K = decoder_ids.shape
+        kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        if dec is None:
+            out = self.mt5.decoder(input_ids=decoder_ids, **kwargs).last_hidden_state  # (N, K, D)
+        else:
+            embed = self.mt5.decoder.embed_tokens(decoder_ids)  # (N, K, D)
+            x = torch.cat([dec[:, 0].to(embed.dtype), embed], dim=1)  # (N, P+K, D)
+            dec_mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, K)], dim=1)  # (N, P+K)
+            out = self.run_stack(self.mt5.decoder, dec, inputs_embeds=x, attention_mask=dec_mask, **kwargs)
+        return out[:, -K:] * self.output_scale  # (N, K, D)
+
+    def encoded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts=None, prompt_mask=None):
+        """What the decoder needs: encoder states and mask (`encode`), the decoder prompts (B, L_dec,
+        P, D) or None, and the prompt mask."""
         prompts, prompt_mask = self.trained_or(prompts, prompt_mask, attention_mask)
         states, mask = self.encode(input_ids, attention_mask, prompts, prompt_mask)
         dec = self.split_prompts(prompts)[1] if prompts is not None else None
+        return states, mask, dec, prompt_mask
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts=None, prompt_mask=None):
+        """The decoder's first hidden state (B, D), as lm_head sees it. With decoder prompts, the
+        decoder reads [prompt; start token] and the start token's state is the one scored."""
+        start = input_ids.new_full((input_ids.shape[0], 1), self.decoder_start_token_id)  # (B, 1)
+        return self.decode(start, *self.encoded(input_ids, attention_mask, prompts, prompt_mask))[:, 0]  # (B, D)
+
+    def rank_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts=None, prompt_mask=None,
+                    task: torch.Tensor | None = None) -> torch.Tensor:
+        """Class scores (B, C) by rank classification: one decoder pass over B x C rows, each class's
+        label pieces teacher-forced (`RankHead`). `task` (B,) picks each row's verbalizer (default:
+        the first). Collective under ZeRO-3."""
+        encoded = self.encoded(input_ids, attention_mask, prompts, prompt_mask)  # states, mask, dec, prompt_mask
         B = input_ids.shape[0]
-        start = input_ids.new_full((B, 1), self.decoder_start_token_id)  # (B, 1)
-        kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
-        if dec is None:
-            out = self.mt5.decoder(input_ids=start, **kwargs).last_hidden_state  # (B, 1, D)
-        else:
-            start_embed = self.mt5.decoder.embed_tokens(start)  # (B, 1, D)
-            x = torch.cat([dec[:, 0].to(start_embed.dtype), start_embed], dim=1)  # (B, P+1, D)
-            dec_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, 1)], dim=1)  # (B, P+1)
-            out = self.run_stack(self.mt5.decoder, dec, inputs_embeds=x, attention_mask=dec_mask, **kwargs)
-        return out[:, -1] * self.output_scale  # (B, D)
+        task = task if task is not None else input_ids.new_zeros(B)
+        decoder_ids = self.rank.decoder_inputs(task, self.decoder_start_token_id)  # (B, C, K)
+        C, K = decoder_ids.shape[1:]
+
+        def per_class(x):  # (B, ...) -> (B * C, ...); a copy: the decoder's projections need a row per class
+            return None if x is None else x[:, None].expand(B, C, *x.shape[1:]).reshape(B * C, *x.shape[1:])
+
+        hidden = self.decode(decoder_ids.reshape(B * C, K), *map(per_class, encoded))  # (B * C, K, D)
+        return self.rank.scores(hidden.view(B, C, K, -1), task, self.mt5.lm_head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.rank is not None:
+            return self.rank_scores(input_ids, attention_mask)  # (B, C)
         hidden = self.hidden(input_ids, attention_mask)
         if self.head is None:  # lm_head trains: score with its current rows
             return verbalizer.scores_from_logits(self.mt5.lm_head(hidden), self.pieces)  # (B, C)

@@ -5,15 +5,16 @@
 
 A prompt is our prompt.safetensors (prompt.json beside it), a run's output dir, or a PEFT
 prompt-tuning adapter (softprompt/export.py); an adapter without our prompt.json takes its classes
-from `--labels` and `--verbalizer_words`/`--verbalizer_ids`.
+from `--labels` and `--verbalizer_words`/`--verbalizer_ids` (and `--label_scoring`).
 
 One frozen model serves many tasks (Lester et al.'s multi-task serving): each input row names its
 task, and a batch mixes rows of different tasks in ONE forward, each row with its own prompt and
-its own verbalizer. With `--ensemble`, every row is scored by every prompt (same label set) and
-the probabilities are averaged (`mean`) or the per-prompt predictions vote (`vote`; ties go to
-the higher mean probability). Under the deepspeed launcher (`deepspeed --num_gpus N --module
-softprompt.predict ...`) with a ZeRO-3 `--ds_config`, ranks share the rows and each row is
-predicted exactly once; rank 0 writes the output atomically.
+its own verbalizer, scored as it trained (`label_scoring` in prompt.json). With `--ensemble`,
+every row is scored by every prompt (same label set) and the probabilities are averaged (`mean`)
+or the per-prompt predictions vote (`vote`; ties go to the higher mean probability). Under the
+deepspeed launcher (`deepspeed --num_gpus N --module softprompt.predict ...`) with a ZeRO-3
+`--ds_config`, ranks share the rows and each row is predicted exactly once; rank 0 writes the
+output atomically.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist, dsconfig, export, loading, verbalizer
+from . import dist, dsconfig, export, loading, scoring, verbalizer
 from .collate import collate, shard_batches
 from .config import ConfigError, PromptDepth
 from .datafiles import read_file, where_row
@@ -46,6 +47,7 @@ class Task:
     label_names: list[str]
     pieces: list[list[int]]  # verbalizer token ids per class
     max_length: int | None
+    scoring: str = "first_mean"  # --label_scoring it trained with (a prompt.json from before the flag: first_mean)
 
 
 def parse_prompt_arg(arg: str) -> tuple[str, Path]:
@@ -63,6 +65,9 @@ def load_tasks(args, model_config, tokenizer, tok_hash: str) -> list[Task]:
     layers = sorted({layers_for(depth, model_config) for depth in typing.get_args(PromptDepth)})
     flags = export.classes_from_flags(args.labels, args.verbalizer_ids, args.verbalizer_words, tokenizer,
                                       model_config.vocab_size)
+    if args.label_scoring and flags is None:
+        raise ConfigError("--label_scoring goes with --labels (a prompt without prompt.json); prompt.json records "
+                          "how its prompt trained")
     tasks, used_flags = [], False
     for arg in args.prompt:
         name, path = parse_prompt_arg(arg)
@@ -71,7 +76,7 @@ def load_tasks(args, model_config, tokenizer, tok_hash: str) -> list[Task]:
             if flags is None:
                 raise ConfigError(f"--prompt {path}: no prompt.json (labels, verbalizer) beside it: give --labels "
                                   "A,B,... and --verbalizer_words W1,W2,... (or --verbalizer_ids) for its classes")
-            meta, used_flags = flags, True
+            meta, used_flags = {**flags, "label_scoring": args.label_scoring or "first_mean"}, True
         values = values if values.dim() == 3 else values.unsqueeze(0)
         if values.shape[-1] != d_model:
             raise ConfigError(f"--prompt {path}: d_model {values.shape[-1]} does not match the model's {d_model}")
@@ -85,7 +90,12 @@ def load_tasks(args, model_config, tokenizer, tok_hash: str) -> list[Task]:
                               f"(hash {meta.get('tokenizer_hash')}, the model's is {tok_hash})")
         if name in {t.name for t in tasks}:
             raise ConfigError(f"--prompt {arg}: task {name!r} given twice (name them: --prompt NAME=PATH)")
-        tasks.append(Task(name, values.float(), meta["label_names"], meta["verbalizer_ids"], meta.get("max_length")))
+        label_scoring = meta.get("label_scoring", "first_mean")
+        if label_scoring not in scoring.SCORINGS:
+            raise ConfigError(f"--prompt {path}: label_scoring {label_scoring!r} in prompt.json is not one of "
+                              f"{', '.join(scoring.SCORINGS)}")
+        tasks.append(Task(name, values.float(), meta["label_names"], meta["verbalizer_ids"], meta.get("max_length"),
+                          label_scoring))
     if flags is not None and not used_flags:
         raise ConfigError("--labels: every --prompt has its own prompt.json (labels, verbalizer); drop the flag")
     return tasks
@@ -158,9 +168,13 @@ def predict_rows(model, ids: list[list[int]], task_idx: list[int], tasks: list[T
         probs = []
         for k in per_prompt:  # one forward per batch; an ensemble needs one per prompt
             t = rows_tasks.clamp(min=0) if k is None else torch.full_like(rows_tasks, k)
-            hidden = model.hidden(batch.input_ids, batch.attention_mask, prompts[t].to(device),
-                                  prompt_mask[t].to(device)).float().cpu()  # (B, D)
-            scores = torch.einsum("bd,bcd->bc", hidden, head[t]).masked_fill(~class_mask[t], float("-inf"))
+            if model.rank is not None:  # some task's words are scored over all their pieces
+                scores = model.rank_scores(batch.input_ids, batch.attention_mask, prompts[t].to(device),
+                                           prompt_mask[t].to(device), t.to(device)).float().cpu()  # (B, C)
+            else:
+                hidden = model.hidden(batch.input_ids, batch.attention_mask, prompts[t].to(device),
+                                      prompt_mask[t].to(device)).float().cpu()  # (B, D)
+                scores = torch.einsum("bd,bcd->bc", hidden, head[t]).masked_fill(~class_mask[t], float("-inf"))
             probs.append(scores.softmax(-1))  # (B, C)
         for i, r in enumerate(rows):
             out.append((r, task_idx[r], torch.stack([p[i] for p in probs]).tolist()))
@@ -197,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated classes of a --prompt without prompt.json (a PEFT adapter from elsewhere)")
     p.add_argument("--verbalizer_words", default=None, help="with --labels: one label word per class")
     p.add_argument("--verbalizer_ids", default=None, help="with --labels: one token id per class")
+    p.add_argument("--label_scoring", choices=scoring.SCORINGS, default=None,
+                   help="with --labels: how a label word of several pieces scores, as the prompt trained "
+                        "(train.py --help; default first_mean)")
     p.add_argument("--ds_config", default=None,
                    help="DeepSpeed JSON (ZeRO-3 shards the frozen model across ranks); none = plain model")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -258,7 +275,8 @@ def run(args) -> int:
         mt5 = loading.load_frozen_model(source, model_config, torch.bfloat16 if bf16 else torch.float32, ds_config)
         with gathered([mt5.lm_head.weight]):
             heads = stack_heads([verbalizer.class_head(mt5.lm_head.weight.detach(), t.pieces) for t in tasks])
-        model = PromptedMT5(mt5, SoftPrompt(tasks[0].prompt), heads[0][0])
+            ranker = scoring.rank_head(mt5.lm_head.weight, [t.pieces for t in tasks], [t.scoring for t in tasks])
+        model = PromptedMT5(mt5, SoftPrompt(tasks[0].prompt), heads[0][0], rank=ranker)
         model.requires_grad_(False)
         if ds_config:
             import deepspeed

@@ -38,7 +38,8 @@ def header(cfg: RunConfig, v) -> str:
     mode = {0: "replicated (ZeRO stage 0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}[st.stage]
     return "\n".join([
         f"data: {cfg.data.dataset} {sizes} labels {s.label_names}",
-        f"verbalizer token ids per class: {v.pieces}",
+        f"verbalizer token ids per class: {v.pieces}"
+        + (f" (label scoring {cfg.model.label_scoring})" if any(len(p) > 1 for p in v.pieces) else ""),
         f"model: {v.source.describe()} ({mc.model_type}, d_model {mc.d_model}, {mc.num_layers}+"
         f"{mc.num_decoder_layers} layers, vocab {mc.vocab_size}); tune {cfg.model.tune}; {describe_prompt(cfg, mc)}",
         f"parallelism: {mode}{', frozen weights offloaded to CPU' if st.offload_param else ''}, "
@@ -96,7 +97,8 @@ def fingerprint(cfg: RunConfig, v) -> dict:
     data = {k: val for k, val in asdict(cfg.data).items() if k != "cache_dir"}
     splits = {k: len(getattr(v.splits, k)) for k in ("train", "dev", "test") if getattr(v.splits, k) is not None}
     return {**data, "split_sizes": splits, "label_names": v.splits.label_names, "model": v.source.name,
-            "tokenizer_hash": v.tokenizer_hash, "verbalizer_ids": v.pieces, "tune": m.tune,
+            "tokenizer_hash": v.tokenizer_hash, "verbalizer_ids": v.pieces,
+            "label_scoring": m.label_scoring, "tune": m.tune,
             "prompt_length": m.prompt_length, "prompt_depth": m.prompt_depth, "prompt_init": m.prompt_init,
             "reparam": m.reparam, "reparam_dim": m.reparam_dim, "prompt_max_norm": m.prompt_max_norm,
             "dropout": m.dropout, "seed": cfg.train.seed, "class_weights": cfg.train.class_weights,
@@ -108,8 +110,8 @@ def fingerprint(cfg: RunConfig, v) -> dict:
 def prompt_meta(cfg: RunConfig, v) -> dict:
     """What prompt.json records: enough to check a prompt against a model and data before use."""
     return {"model": v.source.name, "init": cfg.model.prompt_init, "depth": cfg.model.prompt_depth,
-            "label_names": v.splits.label_names, "verbalizer_ids": v.pieces, "tokenizer_hash": v.tokenizer_hash,
-            "max_length": cfg.data.max_length}
+            "label_names": v.splits.label_names, "verbalizer_ids": v.pieces, "label_scoring": cfg.model.label_scoring,
+            "tokenizer_hash": v.tokenizer_hash, "max_length": cfg.data.max_length}
 
 
 def resolved(cfg: RunConfig, v, world: int, counts: dict) -> dict:

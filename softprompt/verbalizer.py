@@ -4,9 +4,11 @@ Class scores are the decoder's first hidden state dotted with the lm_head rows o
 tokens only, so a 250k-row vocabulary projection is never computed for 3 classes.
 
 Multi-token label words: a word is tokenized without special tokens and a bare word-boundary piece
-("▁") is dropped when other pieces remain. A word of several pieces scores with the *mean* of its
-pieces' lm_head rows (equivalently, the mean of their logits), and the `labels` prompt init uses the
-mean of their embeddings. Two classes whose piece lists are identical cannot be told apart: an error.
+("▁") is dropped when other pieces remain. With `--label_scoring first_mean` a word of several
+pieces scores with the *mean* of its pieces' lm_head rows (equivalently, the mean of their logits);
+`sum` and `mean` score it by the decoder's likelihood of all its pieces instead (scoring.py). The
+`labels` prompt init uses the mean of their embeddings. Two classes whose piece lists are identical
+cannot be told apart: an error.
 """
 
 from __future__ import annotations

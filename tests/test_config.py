@@ -12,6 +12,7 @@ from softprompt.io import read_yaml, to_yaml
 
 def test_literal_fields_list_their_choices():
     assert choices(ModelConfig, "prompt_depth") == ("input", "encoder", "all")
+    assert choices(ModelConfig, "label_scoring") == ("first_mean", "sum", "mean")
     assert choices(TrainConfig, "wandb_mode") == ("online", "offline", "disabled")  # through `| None`
     assert choices(TrainConfig, "epochs") is None
 
