@@ -22,8 +22,9 @@ sharding machinery itself, with that config's buckets and persistence threshold.
 Tokens per step = batch x seq_len (input tokens; the prompt is overhead). MFU = model FLOPs per step
 (`softprompt.flops.train_flops`: encoder over prompt + input, the decoder step with its cross-attention
 K/V over all encoder tokens, backward for input gradients only) / step time / the dense matmul peak
-(the fastest n^3 matmul sampled between the steps, in the dtype ours computes in; n = 2048 on CPU,
-8192 on CUDA, where smaller products do not reach the card's peak).
+(the fastest n^3 matmul sampled between the steps, in the dtype ours computes in; n = 8192 on CUDA,
+where smaller products do not reach the card's peak, 1024 on CPU: a CPU without native bf16 (AVX2)
+multiplies bf16 at about 1 GFLOP/s, so a larger sample takes longer than the steps it is compared with).
 Memory: on CUDA each side's weights and its step's allocator peak above what was resident before
 the step (activations, gradients, optimizer state, workspace); on CPU the tensors autograd saves (measured in
 one extra step, next to the planner's prediction) and the process's peak RSS.
@@ -88,8 +89,8 @@ def twin(mt5):
     return other.requires_grad_(False)
 
 
-def parser() -> cli_args.Parser:
-    ap = cli_args.Parser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+def add_shape_args(ap: cli_args.Parser) -> None:
+    """The model shape and the batch: --shape and its overrides, --batch_size, --seq_len, --prompt_length."""
     ap.add_argument("--shape", choices=plan.MT5, default="mt5-small",
                     help="model shape (random weights); the flags below override its fields")
     for field in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab"):
@@ -99,6 +100,28 @@ def parser() -> cli_args.Parser:
     cli_args.add_renamed(ap, "--batch", "--batch_size", type=int)
     ap.add_argument("--seq_len", type=int, default=128, help="input tokens per example (no padding)")
     ap.add_argument("--prompt_length", type=int, default=20, help="soft prompt tokens")
+
+
+def shape_of(args, *positive: str) -> tuple[plan.Shape, list[str]]:
+    """(the shape `add_shape_args`' flags describe, one message per bad value); `positive`: more flags
+    that must be positive when given."""
+    preset = plan.MT5[args.shape]
+    for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab"):
+        if getattr(args, k) is None:
+            setattr(args, k, getattr(preset, k))
+    bad = [f"--{k} must be positive" for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "batch_size",
+                                                "seq_len", "prompt_length", *positive)
+           if getattr(args, k) is not None and getattr(args, k) <= 0]
+    if args.vocab <= max(VERBALIZER_IDS):
+        bad.append(f"--vocab must exceed the verbalizer ids {VERBALIZER_IDS}")
+    s = plan.Shape("bench", args.vocab, args.d_model, args.d_ff, args.num_layers, args.num_layers, args.num_heads,
+                   args.d_kv)
+    return s, bad
+
+
+def parser() -> cli_args.Parser:
+    ap = cli_args.Parser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--dtype", choices=DTYPES, default="bf16",
@@ -123,17 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except cli_args.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    preset = plan.MT5[args.shape]
-    for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab"):
-        if getattr(args, k) is None:
-            setattr(args, k, getattr(preset, k))
-    bad = [f"--{k} must be positive" for k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "batch_size",
-                                                "seq_len", "prompt_length", "steps", "threads")
-           if getattr(args, k) is not None and getattr(args, k) <= 0]
+    s, bad = shape_of(args, "steps", "threads")
     if args.warmup < 0:
         bad.append("--warmup must be >= 0")
-    if args.vocab <= max(VERBALIZER_IDS):
-        bad.append(f"--vocab must exceed the verbalizer ids {VERBALIZER_IDS}")
     if args.zero3:
         try:
             zero = json.loads(args.zero3.read_text())["zero_optimization"]
@@ -147,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
-    s = plan.Shape("bench", args.vocab, args.d_model, args.d_ff, args.num_layers, args.num_layers,
-                   args.num_heads, args.d_kv)
     B, T, P = args.batch_size, args.seq_len, args.prompt_length
 
     mt5 = build_mt5(s, device)
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     times = {k: [] for k in sides}
     peak = {k: 0 for k in sides}
     compute = "bf16" if args.autocast else args.dtype  # ours' matmul dtype: the peak to compare with
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if device.type == "cuda" else 1024
     mats = [torch.randn(n, n, device=device).to(DTYPES[compute]) for _ in range(2)]
     matmul = []
     for i in range(args.warmup + args.steps):

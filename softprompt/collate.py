@@ -38,6 +38,41 @@ def collate(rows: list[dict], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, labels)
 
 
+class TokenTable:
+    """A tokenized split's `input_ids` and `label` columns as flat tensors, read once from its arrow
+    table: `batch(idx)` equals `collate` of those rows, built with a few tensor ops instead of
+    converting each row to python lists (the training loop builds a batch every micro-step)."""
+
+    def __init__(self, offsets: torch.Tensor, values: torch.Tensor, labels: torch.Tensor):
+        self.offsets = offsets  # (N+1,) long: row i is values[offsets[i]:offsets[i+1]]
+        self.values = values  # (total tokens,) long
+        self.labels = labels  # (N,) long
+
+    @staticmethod
+    def of(split) -> "TokenTable":
+        """From a datasets.Dataset with `input_ids` and `label` columns (any selection or order)."""
+        table = split.with_format("arrow")[:]  # honours an indices mapping; no copy without one
+        ids = table.column("input_ids").combine_chunks()
+        # `values` is the whole child array and `offsets` index into it, also for a sliced array.
+        return TokenTable(torch.tensor(ids.offsets.to_numpy(), dtype=torch.long),
+                          torch.tensor(ids.values.to_numpy(), dtype=torch.long),
+                          torch.tensor(table.column("label").to_numpy(), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def batch(self, idx: list[int], pad_id: int) -> Batch:
+        if not idx:
+            raise ValueError("a batch needs at least one row")
+        rows = torch.tensor(idx, dtype=torch.long)
+        starts = self.offsets[rows]  # (B,)
+        lengths = self.offsets[rows + 1] - starts  # (B,)
+        pos = torch.arange(int(lengths.max()))  # (T,)
+        mask = pos < lengths[:, None]  # (B, T)
+        taken = self.values[torch.where(mask, starts[:, None] + pos, 0)]  # (B, T), padding reads value 0
+        return Batch(torch.where(mask, taken, pad_id), mask.long(), self.labels[rows])
+
+
 def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
     """This rank's batches of row indices over a contiguous shard of range(n), every row on exactly
     one rank. Every rank gets the same number of batches (under ZeRO-3 a forward is a collective);

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import dist, flops, metrics, verbalizer
-from .collate import collate, shard_batches
+from .collate import TokenTable, shard_batches
 from .dsconfig import BatchSizes
 from .prompt import read_state, write_state
 from .tracking import Table, collapsed
@@ -54,13 +54,8 @@ def micro_batches(order: list[int], step_in_epoch: int, sizes: BatchSizes, rank:
     return [step_idx[(k * sizes.world_size + rank) * m:][:m] for k in range(sizes.grad_accum)]
 
 
-def rows(split, idx: list[int]) -> list[dict]:
-    part = split[idx]  # a dict of columns
-    return [{"input_ids": ids, "label": lab} for ids, lab in zip(part["input_ids"], part["label"])]
-
-
 @torch.no_grad()
-def evaluate(engine, split, label_names: list[str], batch_size: int, pad_id: int, rank: int, world: int,
+def evaluate(engine, split: TokenTable, label_names: list[str], batch_size: int, pad_id: int, rank: int, world: int,
              device) -> dict:
     """Metrics over `split`, every example counted exactly once across ranks.
 
@@ -69,7 +64,7 @@ def evaluate(engine, split, label_names: list[str], batch_size: int, pad_id: int
     engine.eval()
     cm = torch.zeros(len(label_names), len(label_names), dtype=torch.long)
     for idx in shard_batches(len(split), batch_size, rank, world):
-        batch = collate(rows(split, idx or [0]), pad_id).to(device)
+        batch = split.batch(idx or [0], pad_id).to(device)
         scores = engine(batch.input_ids, batch.attention_mask)
         if idx:
             cm += metrics.confusion(batch.labels.cpu(), verbalizer.predict(scores).cpu(), len(label_names))
@@ -109,7 +104,8 @@ def train_loop(run) -> RunResult:
     from .tracking import COLLAPSE_SHARE, memory_mb, norm_guard, stability
 
     engine, v, cfg, tracker, st = run.engine, run.inputs, run.cfg, run.tracker, run.state
-    splits, sizes, schedule, labels = v.splits, v.sizes, v.schedule, v.splits.label_names
+    sizes, schedule, labels = v.sizes, v.schedule, v.splits.label_names
+    splits = {name: TokenTable.of(split) for name, split in v.splits.items()}  # train, dev, test if given
     device, pad_id, rank = dist.device(), v.tokenizer.pad_token_id, run.rank
     prompt = engine.module.prompt  # None: full fine-tuning without a prompt
     keep_prompt = cfg.model.tune == "prompt"
@@ -131,10 +127,10 @@ def train_loop(run) -> RunResult:
         dist.phase("forward/backward (ZeRO all-gather/reduce-scatter or gradient all-reduce)", step)
         epoch, step_in_epoch = divmod(step - 1, schedule.steps_per_epoch)
         if step_in_epoch == 0 or step == st.step + 1:
-            order = epoch_order(len(splits.train), t.seed, epoch)
+            order = epoch_order(len(splits["train"]), t.seed, epoch)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for idx in micro_batches(order, step_in_epoch, sizes, rank):
-            batch = collate(rows(splits.train, idx), pad_id).to(device)
+            batch = splits["train"].batch(idx, pad_id).to(device)
             scores = engine(batch.input_ids, batch.attention_mask)  # (B, C)
             loss = verbalizer.loss(scores, batch.labels, weight)
             engine.backward(loss)
@@ -189,7 +185,7 @@ def train_loop(run) -> RunResult:
         if step in schedule.eval_steps:
             dist.phase("dev evaluation", step)
             t_eval = time.perf_counter()
-            dev = score(splits.dev)
+            dev = score(splits["dev"])
             record = flat("eval", dev)
             tracker.log(step, record)
             tracker.print(f"step {step}: dev accuracy {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f}")
@@ -203,8 +199,8 @@ def train_loop(run) -> RunResult:
                     raise NonFiniteError(f"step {step}: the prompt is not finite (NaN or Inf); stopped before "
                                          "saving it")
                 st.best = Best(step, dev, state)
-                if not keep_prompt and splits.test is not None:  # no prompt to restore later: score test now
-                    st.best.test = score(splits.test)
+                if not keep_prompt and "test" in splits:  # no prompt to restore later: score test now
+                    st.best.test = score(splits["test"])
             eval_s = time.perf_counter() - t_eval
             t_log += eval_s  # keep eval time out of train throughput and the ETA
             tracker.exclude(eval_s)
@@ -224,8 +220,8 @@ def train_loop(run) -> RunResult:
         final_prompt = prompt.export(read_state(prompt))
         write_state(prompt, st.best.state)
         best_prompt = prompt.export(st.best.state)
-        if splits.test is not None:
-            test = score(splits.test)
+        if "test" in splits:
+            test = score(splits["test"])
     if test is not None:
         tracker.log(schedule.total_steps, flat("test", test))
         tracker.print(f"best dev step {st.best.step}: test accuracy {test['accuracy']:.4f} "

@@ -15,17 +15,17 @@ from softprompt import recipe, trainer
 
 def main(mode: str, argv: list[str]) -> int:
     cfg = cli.parse(argv)
-    collate, calls = trainer.collate, []
+    batch, calls = trainer.TokenTable.batch, []
 
-    def failing_collate(rows, pad_id):
+    def failing_batch(table, idx, pad_id):
         calls.append(1)
         if os.environ["RANK"] == "1" and len(calls) == 3:
             if mode == "raise":
                 raise ValueError("boom on rank 1")
             os.kill(os.getpid(), signal.SIGSTOP)
-        return collate(rows, pad_id)
+        return batch(table, idx, pad_id)
 
-    trainer.collate = failing_collate
+    trainer.TokenTable.batch = failing_batch
     return recipe.run(cfg)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from softprompt.collate import Batch, collate
+from softprompt.collate import Batch, TokenTable, collate
 
 
 def test_pads_right_to_longest_row():
@@ -35,6 +35,28 @@ def test_to_moves_all_tensors():
 def test_empty_batch_is_an_error():
     with pytest.raises(ValueError):
         collate([], pad_id=0)
+
+
+def test_token_table_batches_equal_collate_of_the_same_rows():
+    """The training loop's batches (TokenTable) against `collate` of the rows a datasets.Dataset returns, for a
+    reordered selection too (an arrow table behind an indices mapping)."""
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 500, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (40,), generator=g)]
+    full = datasets.Dataset.from_dict({"text": ["x"] * 40, "label": [i % 3 for i in range(40)], "input_ids": ids})
+    for split in (full, full.select(torch.randperm(40, generator=g)[:25].tolist())):
+        table = TokenTable.of(split)
+        assert len(table) == len(split)
+        for idx in ([0], [3, 1, 4, 1, 5], list(range(len(split)))[::-1], [7, 2, 9, 11]):
+            part = split[idx]
+            want = collate([{"input_ids": i, "label": y} for i, y in zip(part["input_ids"], part["label"])], pad_id=-3)
+            got = table.batch(idx, pad_id=-3)
+            for a, b in ((got.input_ids, want.input_ids), (got.attention_mask, want.attention_mask),
+                         (got.labels, want.labels)):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(ValueError):
+        table.batch([], pad_id=0)
 
 
 def test_shard_batches_cover_every_row_once_with_equal_batch_counts():
