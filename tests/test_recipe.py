@@ -94,7 +94,9 @@ def launch_failing(tiny_model_dir, tmp_path, mode, timeout_s):
                              str(free_port()), "tests/rank_failure.py", mode, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout_s + 120)
+        # Generous: starting 2 ranks on loaded cores takes a minute, and the launcher waits 30 s for a
+        # SIGSTOPped rank to take its SIGTERM before it kills it.
+        out, err = proc.communicate(timeout=timeout_s + 300)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     return proc.returncode, out + err, time.monotonic() - t
