@@ -46,7 +46,8 @@ TRAINER, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
-def _nonfinite(t: torch.Tensor) -> int:
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many NaN/Inf values `t` holds: a prompt with any is never saved or used."""
     return int((~torch.isfinite(t)).sum())
 
 
@@ -54,7 +55,7 @@ def save_prompt(output_dir: str | Path, prompt: torch.Tensor, meta: dict) -> Non
     """`prompt` is (P, D) or an exported (L, P, D); one layer is stored as (P, D). Never non-finite."""
     output_dir = Path(output_dir)
     prompt = prompt.detach().float().cpu()
-    if bad := _nonfinite(prompt):
+    if bad := count_nonfinite(prompt):
         raise ValueError(f"refusing to save a prompt with {bad} NaN/Inf values to {output_dir}")
     prompt = (prompt[0] if prompt.dim() == 3 and prompt.shape[0] == 1 else prompt).contiguous()
     meta = {**meta, "layers": prompt.shape[0] if prompt.dim() == 3 else 1, "n_tokens": prompt.shape[-2],
@@ -71,7 +72,7 @@ def load_prompt(path: str | Path, flag: str = "prompt") -> tuple[torch.Tensor, d
         prompt = load_file(path)["prompt"]
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise ConfigError(f"{flag} {path}: not a readable prompt file ({str(e).splitlines()[0]})") from None
-    if bad := _nonfinite(prompt):
+    if bad := count_nonfinite(prompt):
         raise ConfigError(f"{flag} {path}: the prompt has {bad} NaN/Inf values (a diverged run?)")
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -100,7 +101,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, prompt: t
     root = Path(output_dir) / CHECKPOINTS
     path = root / tag_for(step)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if prompt is not None and (bad := _nonfinite(prompt)):  # every rank raises, before any barrier
+    if prompt is not None and (bad := count_nonfinite(prompt)):  # every rank raises, before any barrier
         raise ValueError(f"step {step}: the prompt has {bad} NaN/Inf values; not checkpointing it")
     client_json, client_tensors = statefile.split_tensors(dict(client_state))
     engine_state = optim_state.read_engine(engine)

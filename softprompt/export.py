@@ -47,15 +47,14 @@ def read_prompt(path: str | Path, flag: str, d_model: int | None = None) -> tupl
     path = Path(path)
     if is_adapter(path):
         values, meta = read_peft(path if path.is_dir() else path.parent, flag, d_model)
+        if bad := checkpoint.count_nonfinite(values):  # load_prompt checks our own files
+            raise ConfigError(f"{flag} {path}: the prompt has {bad} NaN/Inf values (a diverged run?)")
     else:
         if path.is_dir():
             if not (path / PROMPT_FILE).is_file():
                 raise ConfigError(f"{flag} {path}: a directory without {PROMPT_FILE} or a PEFT {ADAPTER_CONFIG}")
             path = path / PROMPT_FILE
         values, meta = checkpoint.load_prompt(path, flag=flag)
-    bad = int((~torch.isfinite(values)).sum())
-    if bad:
-        raise ConfigError(f"{flag} {path}: the prompt has {bad} NaN/Inf values (a diverged run?)")
     return values.float(), meta
 
 

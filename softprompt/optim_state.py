@@ -64,6 +64,11 @@ def _replicated(engine) -> dict[int, tuple[int, int]]:
     return {i: (j, 0) for i, j in index.items()}
 
 
+def _locations(engine) -> dict[int, tuple[int, int]]:
+    """`_replicated(engine)`, or {} where DeepSpeed's fragment API owns the masters and state."""
+    return {} if _partitioned(engine) else _replicated(engine)
+
+
 def _view(t: torch.Tensor, offset: int, p: torch.nn.Parameter) -> torch.Tensor:
     return t.view(-1).narrow(0, offset, p.numel()).view(p.shape)
 
@@ -71,7 +76,7 @@ def _view(t: torch.Tensor, offset: int, p: torch.nn.Parameter) -> torch.Tensor:
 def read_masters(engine, keep: bool = True) -> dict[str, torch.Tensor]:
     """{name: full fp32 master} of every trainable parameter. Collective under ZeRO-3; `keep=False`
     drops the copies (ranks that do not write)."""
-    out, where, ts = {}, ({} if _partitioned(engine) else _replicated(engine)), optimized_tensors(engine)
+    out, where, ts = {}, _locations(engine), optimized_tensors(engine)
     for name, p in trainable(engine):
         value = _view(ts[where[id(p)][0]], where[id(p)][1], p).detach().clone() if where else read_param(p)
         if keep:
@@ -81,7 +86,7 @@ def read_masters(engine, keep: bool = True) -> dict[str, torch.Tensor]:
 
 def write_masters(engine, values: dict[str, torch.Tensor]) -> None:
     """Set every trainable parameter and its fp32 master. Collective under ZeRO-3."""
-    where, ts = ({} if _partitioned(engine) else _replicated(engine)), optimized_tensors(engine)
+    where, ts = _locations(engine), optimized_tensors(engine)
     for name, p in trainable(engine):
         if where:
             with torch.no_grad():
@@ -106,7 +111,7 @@ def read_optimizer(engine, keep: bool = True) -> tuple[dict[str, torch.Tensor], 
     """({key: tensor}, JSON description) of the whole optimizer state. Collective under ZeRO;
     `keep=False` drops the gathered tensors (ranks that do not write)."""
     opt, ts = base_optimizer(engine), optimized_tensors(engine)
-    where = {} if _partitioned(engine) else _replicated(engine)
+    where = _locations(engine)
     tensors, specs = {}, []
     for i, t in enumerate(ts):
         spec = {"elementwise": {}, "tensors": {}, "values": {}}
@@ -152,7 +157,7 @@ def check_optimizer(engine, tensors: dict[str, torch.Tensor], meta: dict, label:
             parse_dtype(info["dtype"], label)
         for dt in spec["elementwise"].values():
             parse_dtype(dt, label)
-    where = {} if _partitioned(engine) else _replicated(engine)
+    where = _locations(engine)
     for name, p in trainable(engine):
         try:
             keys = _param_keys(engine, p, specs, where)
@@ -184,7 +189,7 @@ def write_optimizer(engine, tensors: dict[str, torch.Tensor], meta: dict) -> Non
         # their first step; the state now exists, so link now (to these tensors, not stale ones).
         wrapper._hp_optimizer_states_linked = False
         wrapper._lazy_init_hp_params_optimizer_state()
-    where = {} if _partitioned(engine) else _replicated(engine)
+    where = _locations(engine)
     for name, p in trainable(engine):
         for key in _param_keys(engine, p, meta["tensors"], where):
             value = tensors[f"{name}/{key}"]
